@@ -1,0 +1,1 @@
+"""t2i_mia.parallel"""

@@ -1,0 +1,59 @@
+"""Shared test set-up: 8 fake CPU devices (before JAX is imported), fixture discovery."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+REFERENCE = pathlib.Path(__file__).parent / "fixtures" / "reference"
+
+
+def fixture_root() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("T2I_MIA_FIXTURES", REFERENCE))
+
+
+def fixture_folders(kind: str) -> list[pathlib.Path]:
+    """Every fixture folder of a kind under $T2I_MIA_FIXTURES (default: our copy).
+
+    A folder's kind is read from its files: ``clip``/``dallebart``/``vqgan`` from
+    ``config.json`` (``model_type``, or vqgan's ``ch_mult``), ``ldm`` from ``unet/``+``vae/``.
+    """
+    import json
+    out = []
+    root = fixture_root()
+    for d in sorted(p for p in root.rglob("*") if p.is_dir()) + [root]:
+        if not (d / "io.npz").exists():
+            continue
+        if kind == "ldm":
+            if (d / "unet" / "config.json").exists() and (d / "vae" / "config.json").exists():
+                out.append(d)
+            continue
+        cfg_path = d / "config.json"
+        if not cfg_path.exists():
+            continue
+        cfg = json.loads(cfg_path.read_text())
+        k = cfg.get("model_type") or ("vqgan" if "ch_mult" in cfg else None)
+        if k == kind:
+            out.append(d)
+    return out
+
+
+def assert_parity(actual, ref, name: str = ""):
+    """The conventions' tolerance: rtol=1e-4, atol=1e-5 * max|ref|."""
+    import numpy as np
+    actual = np.asarray(actual, np.float64)
+    ref = np.asarray(ref, np.float64)
+    assert actual.shape == ref.shape, f"{name}: shape {actual.shape} != {ref.shape}"
+    np.testing.assert_allclose(actual, ref, rtol=1e-4, atol=1e-5 * float(np.max(np.abs(ref))),
+                               err_msg=name)
+
+
+@pytest.fixture
+def tmp_workdir(tmp_path):
+    return tmp_path
