@@ -1,0 +1,172 @@
+"""The flags every entry point shares (see conventions: Command line), logging, the plan.
+
+Entry points (``attack``, ``train``, ``generate``) build their parser with
+:func:`make_parser`, then call :func:`resolve` to get a validated :class:`Config` and the
+run's paths; ``--dry-run`` prints :func:`plan` and touches nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+
+from t2i_mia.config import DATA_SOURCES, PRESETS, TARGETS, Config, load_config
+from t2i_mia.errors import ConfigError, T2IMiaError
+
+log = logging.getLogger("t2i_mia")
+
+SHARED_EPILOG = """\
+configuration:
+  --config takes a preset (ci: ~1 min audits for tests; tiny: the embedded default, <= 10 min
+  on 2 CPU cores; paper-ldm / paper-dalle: paper scale for accelerators) or a JSON file whose
+  keys override the preset named by its "preset" key. --set key=value (repeatable) overrides
+  one value; values are JSON when they parse (3, 0.5, true, [32,64], null), else strings.
+  Examples:
+    --set adversary.k=8 --set ldm.train.steps=5000
+    --set adversary.caption_source=captioner --set adversary.aux_mode=partial
+  Unknown keys and wrong types are errors naming the key. --dry-run prints the resolved
+  plan (sizes, mesh, steps, outputs) and exits without touching anything.
+"""
+
+
+@dataclasses.dataclass
+class RunPaths:
+    work_dir: str
+    out: str
+    target_dir: str | None
+    data_dir: str | None
+
+
+def make_parser(prog: str, description: str, epilog: str = "") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog, description=description, epilog=(epilog + "\n" + SHARED_EPILOG).strip(),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", choices=TARGETS, default=None,
+                   help="model kind under audit: ldm (latent diffusion), dalle-mini "
+                        "(VQGAN + DalleBart), generations (a folder <id>/<j>.png of images "
+                        "made elsewhere). Default: the preset's (ldm).")
+    p.add_argument("--target-dir", default=None, metavar="PATH",
+                   help="a trained or public checkpoint of the target (Stable Diffusion Flax "
+                        "folder for ldm, dalle-mini folder for dalle-mini, the images folder "
+                        "for generations). Absent: train one on the embedded default data.")
+    p.add_argument("--config", default="tiny", metavar="PRESET|FILE",
+                   help=f"preset ({', '.join(PRESETS)}) or JSON file (default: tiny)")
+    p.add_argument("--data", choices=DATA_SOURCES, default=None,
+                   help="data source: synthetic (embedded, default), folder (images + .txt "
+                        "captions, or a JSONL manifest), coco, cc3m")
+    p.add_argument("--data-dir", default=None, metavar="PATH",
+                   help="folder or manifest.jsonl for --data folder")
+    p.add_argument("--work-dir", default="t2i_mia_work", metavar="PATH",
+                   help="caches: trained models, generations, features (default: "
+                        "./t2i_mia_work). A model is reused only when its config, split "
+                        "manifest, seed and package version match.")
+    p.add_argument("--out", default="t2i_mia_out", metavar="PATH",
+                   help="results folder (report.json, report.md, roc.png, samples.png, "
+                        "manifest.json); default ./t2i_mia_out")
+    p.add_argument("--seed", type=int, default=None, help="root seed (default: config's, 0)")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="KEY=VALUE", help="override one config value (repeatable)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan (sizes, mesh, steps, outputs) and exit")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname).1s %(name)s: %(message)s", datefmt="%H:%M:%S",
+        stream=sys.stderr, force=True)
+    # absl/orbax are chatty at INFO.
+    for name in ("absl", "orbax", "jax._src"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def resolve(args: argparse.Namespace) -> tuple[Config, RunPaths]:
+    """Flags -> validated config and paths. Flags win over the config file, --set over both."""
+    overrides = list(args.overrides)
+    if args.target:
+        overrides.insert(0, f"target={json.dumps(args.target)}")
+    if args.data:
+        overrides.insert(0, f"data.source={json.dumps(args.data)}")
+    if args.data_dir:
+        overrides.insert(0, f"data.data_dir={json.dumps(args.data_dir)}")
+    if args.seed is not None:
+        overrides.insert(0, f"seed={args.seed}")
+    cfg = load_config(args.config, overrides)
+    if args.target_dir is not None and not args.dry_run and not os.path.exists(args.target_dir):
+        raise ConfigError(f"--target-dir {args.target_dir}: no such file or folder")
+    if cfg.data.source == "folder" and not cfg.data.data_dir:
+        raise ConfigError("--data folder needs --data-dir (a folder of images + .txt captions, "
+                          "or a manifest.jsonl)")
+    if cfg.target == "generations" and not args.target_dir:
+        raise ConfigError("--target generations needs --target-dir: a folder <id>/<j>.png")
+    paths = RunPaths(work_dir=os.path.abspath(args.work_dir), out=os.path.abspath(args.out),
+                     target_dir=args.target_dir and os.path.abspath(args.target_dir),
+                     data_dir=cfg.data.data_dir)
+    return cfg, paths
+
+
+def plan(cfg: Config, paths: RunPaths, what: str) -> str:
+    """A readable plan of what a run would do."""
+    import jax
+    s = cfg.data.splits
+    n_dev = len(jax.devices())
+    data_ax = n_dev // cfg.mesh.model if cfg.mesh.data == -1 else cfg.mesh.data
+    lines = [
+        f"t2i-mia plan: {what}",
+        f"  preset        {cfg.preset}   seed {cfg.seed}   target {cfg.target}"
+        + (f" (from {paths.target_dir})" if paths.target_dir else " (trained here)"),
+        f"  data          {cfg.data.source}"
+        + (f" ({cfg.data.data_dir})" if cfg.data.data_dir else "")
+        + f", {cfg.data.image_size}x{cfg.data.image_size}",
+        "  splits        " + ", ".join(f"{f.name}={getattr(s, f.name)}"
+                                       for f in dataclasses.fields(s)),
+        f"  mesh          data={data_ax} x model={cfg.mesh.model} over {n_dev} "
+        f"{jax.default_backend()} device(s)",
+    ]
+    if cfg.target == "ldm":
+        l = cfg.ldm
+        lines += [
+            f"  autoencoder   {l.vae_train.steps} steps x batch {l.vae_train.batch_size} "
+            f"on pretrain",
+            f"  ldm training  {l.train.steps} steps x batch {l.train.batch_size} per model "
+            f"(target{', shadow' if cfg.adversary.aux_mode == 'shadow' else ', null'})",
+            f"  sampling      DDIM {l.sample.num_inference_steps} steps, guidance "
+            f"{l.sample.guidance_scale}, eta {l.sample.eta}",
+        ]
+    elif cfg.target == "dalle-mini":
+        d = cfg.dalle
+        lines += [
+            f"  vqgan         {d.vqgan_train.steps} steps on pretrain",
+            f"  dallebart     {d.train.steps} steps x batch {d.train.batch_size} per model",
+            f"  sampling      {d.bart.get('image_length', '?')} tokens, condition scale "
+            f"{d.sample.condition_scale}, top-k {d.sample.top_k or 'off'}",
+        ]
+    a = cfg.adversary
+    lines += [
+        f"  adversary     k={a.k}, captions={a.caption_source}, aux={a.aux_mode}, encoder="
+        + (a.encoder.dir or f"CLIP trained {a.encoder.train.steps} steps on auxiliary"),
+        f"  evaluation    {s.target_members} members vs {s.target_nonmembers} non-members; "
+        f"controls null_target, shuffled_labels; {a.n_bootstrap} bootstrap resamples",
+        f"  work dir      {paths.work_dir}",
+        f"  outputs       {paths.out}/report.json, report.md, roc.png, samples.png, "
+        "manifest.json",
+    ]
+    return "\n".join(lines)
+
+
+def run_main(fn, argv=None) -> int:
+    """Runs an entry point, turning our errors into one clear line and exit code 2."""
+    try:
+        return fn(argv) or 0
+    except T2IMiaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,578 @@
+"""One config system for the whole package: typed dataclasses, presets, overrides, validation.
+
+A config is data. ``get_config(preset)`` returns a preset (``ci``, ``tiny``, ``paper-ldm``,
+``paper-dalle``); ``load_config(spec, overrides)`` takes ``PRESET`` or a JSON ``FILE`` (whose
+keys override the preset named by its ``"preset"`` key, default ``tiny``) and ``--set
+key=value`` overrides, then validates everything. Unknown keys and wrong types are errors
+that name the key.
+
+Model sub-configs (``ldm.unet``, ``ldm.vae``, ``dalle.bart`` ...) are dicts whose keys are
+those of the public checkpoint's ``config.json``, so a checkpoint config loads as is; they
+are validated by the model's own config class at load time.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from t2i_mia.errors import ConfigError
+
+TARGETS = ("ldm", "dalle-mini", "generations")
+DATA_SOURCES = ("synthetic", "folder", "coco", "cc3m")
+CAPTION_SOURCES = ("ground_truth", "captioner")
+AUX_MODES = ("shadow", "partial")
+
+
+@dataclass
+class MeshConfig:
+    """Device mesh: axes ``data`` x ``model``; -1 = all remaining devices."""
+    data: int = -1
+    model: int = 1
+
+
+@dataclass
+class SplitsConfig:
+    """Number of examples per split of the manifest (see conventions: Data and splits)."""
+    pretrain: int = 2000
+    target_members: int = 500
+    target_nonmembers: int = 500
+    target_known_members: int = 0
+    target_known_nonmembers: int = 0
+    shadow_members: int = 500
+    shadow_nonmembers: int = 500
+    auxiliary: int = 1000
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"
+    data_dir: str | None = None
+    image_size: int = 32
+    splits: SplitsConfig = field(default_factory=SplitsConfig)
+
+
+@dataclass
+class TrainConfig:
+    """One training run: optax adamw with linear warm-up and cosine decay."""
+    steps: int = 1000
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.0  # 0 disables EMA
+    checkpoint_every: int = 500
+
+
+@dataclass
+class DiffusionSampleConfig:
+    num_inference_steps: int = 10
+    guidance_scale: float = 3.0
+    eta: float = 0.0
+    batch_size: int = 128
+
+
+@dataclass
+class LDMConfig:
+    """Latent diffusion target. ``vae``/``unet``/``text_encoder``/``scheduler`` use diffusers /
+    Hugging Face config.json keys."""
+    vae: dict = field(default_factory=dict)
+    unet: dict = field(default_factory=dict)
+    text_encoder: dict = field(default_factory=dict)
+    scheduler: dict = field(default_factory=dict)
+    vocab_size: int = 512
+    max_text_length: int = 24
+    caption_dropout: float = 0.1
+    vae_kl_weight: float = 1e-6
+    vae_train: TrainConfig = field(default_factory=TrainConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: DiffusionSampleConfig = field(default_factory=DiffusionSampleConfig)
+
+
+@dataclass
+class DalleSampleConfig:
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    temperature: float = 1.0
+    condition_scale: float = 3.0
+    batch_size: int = 128
+
+
+@dataclass
+class DalleConfig:
+    """DALL-E mini target. ``vqgan``/``bart`` use vqgan-jax / dalle-mini config.json keys."""
+    vqgan: dict = field(default_factory=dict)
+    bart: dict = field(default_factory=dict)
+    vocab_size: int = 512
+    vqgan_train: TrainConfig = field(default_factory=TrainConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: DalleSampleConfig = field(default_factory=DalleSampleConfig)
+
+
+@dataclass
+class EncoderConfig:
+    """The adversary's CLIP two-tower encoder (HF CLIP config keys in ``clip``)."""
+    dir: str | None = None  # a local HF Flax CLIP checkpoint; None = train on `auxiliary`
+    clip: dict = field(default_factory=dict)
+    vocab_size: int = 512
+    max_text_length: int = 24
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class MLPConfig:
+    hidden: tuple[int, ...] = (64, 64)
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 64
+    max_epochs: int = 300
+    patience: int = 30
+    val_fraction: float = 0.2
+
+
+@dataclass
+class AdversaryConfig:
+    caption_source: str = "ground_truth"
+    k: int = 4
+    aux_mode: str = "shadow"
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    mlp: MLPConfig = field(default_factory=MLPConfig)
+    n_bootstrap: int = 1000
+    white_box: bool = True  # the labelled upper-bound reference (outside the threat model)
+
+
+@dataclass
+class Config:
+    preset: str = "tiny"
+    seed: int = 0
+    target: str = "ldm"
+    data: DataConfig = field(default_factory=DataConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    ldm: LDMConfig = field(default_factory=LDMConfig)
+    dalle: DalleConfig = field(default_factory=DalleConfig)
+    adversary: AdversaryConfig = field(default_factory=AdversaryConfig)
+
+    def to_dict(self) -> dict:
+        return _to_jsonable(dataclasses.asdict(self))
+
+    def section_hash(self, *keys: str) -> str:
+        """SHA-256 of the canonical JSON of the named sections (for cache keys)."""
+        d = self.to_dict()
+        sub = {k: _get_path(d, k) for k in keys}
+        return hashlib.sha256(json.dumps(sub, sort_keys=True).encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- presets
+
+def _ci_tiny_ldm(size: str) -> LDMConfig:
+    small = size == "ci"
+    return LDMConfig(
+        vae={
+            "in_channels": 3, "out_channels": 3, "latent_channels": 4,
+            "down_block_types": ["DownEncoderBlock2D"] * 3,
+            "up_block_types": ["UpDecoderBlock2D"] * 3,
+            "block_out_channels": [32, 32, 32] if small else [32, 64, 64],
+            "layers_per_block": 1, "act_fn": "silu", "norm_num_groups": 8 if small else 16,
+            "sample_size": 32, "scaling_factor": 1.0,
+        },
+        unet={
+            "sample_size": 8, "in_channels": 4, "out_channels": 4,
+            "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+            "block_out_channels": [32, 64] if small else [64, 128],
+            "layers_per_block": 1, "attention_head_dim": 8, "cross_attention_dim": 64,
+            "flip_sin_to_cos": True, "freq_shift": 0, "use_linear_projection": False,
+        },
+        text_encoder={
+            "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 24,
+            "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "projection_dim": 64,
+        },
+        scheduler={
+            "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+            "beta_schedule": "scaled_linear", "prediction_type": "epsilon",
+            "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1,
+            "timestep_spacing": "leading",
+        },
+        vocab_size=512, max_text_length=24, caption_dropout=0.1,
+        vae_train=TrainConfig(steps=150 if small else 600, batch_size=32 if small else 64,
+                              learning_rate=2e-3, warmup_steps=20, checkpoint_every=200),
+        train=TrainConfig(steps=300 if small else 3000, batch_size=32 if small else 64,
+                          learning_rate=2e-3, warmup_steps=50, checkpoint_every=500),
+        sample=DiffusionSampleConfig(num_inference_steps=10, guidance_scale=3.0, eta=0.0,
+                                     batch_size=64 if small else 128),
+    )
+
+
+def _ci_tiny_dalle(size: str) -> DalleConfig:
+    small = size == "ci"
+    grid = 4 if small else 8  # 16 or 64 image tokens at 32x32
+    n_res = 4 if small else 3  # f8 or f4 downsampling
+    return DalleConfig(
+        vqgan={
+            "ch": 32, "out_ch": 3, "in_channels": 3, "num_res_blocks": 1,
+            "attn_resolutions": [], "ch_mult": [1, 2, 2, 2][:n_res], "resolution": 32,
+            "z_channels": 32, "double_z": False, "n_embed": 256, "embed_dim": 32,
+            "dropout": 0.0, "resamp_with_conv": True, "give_pre_end": False,
+            "num_resolutions": n_res,
+        },
+        bart={
+            "d_model": 64 if small else 128, "encoder_layers": 2, "decoder_layers": 2,
+            "encoder_attention_heads": 4, "decoder_attention_heads": 4,
+            "encoder_ffn_dim": 128 if small else 256, "decoder_ffn_dim": 128 if small else 256,
+            "encoder_vocab_size": 512, "image_vocab_size": 256, "image_length": grid * grid,
+            "max_text_length": 24,
+        },
+        vocab_size=512,
+        vqgan_train=TrainConfig(steps=200 if small else 1500, batch_size=32, learning_rate=1e-3,
+                                warmup_steps=50),
+        train=TrainConfig(steps=300 if small else 2500, batch_size=32 if small else 64,
+                          learning_rate=2e-3, warmup_steps=50),
+        sample=DalleSampleConfig(top_k=0, condition_scale=3.0, batch_size=64 if small else 128),
+    )
+
+
+def _ci_tiny_encoder(size: str) -> EncoderConfig:
+    small = size == "ci"
+    return EncoderConfig(
+        clip={
+            "projection_dim": 64,
+            "text_config": {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
+                            "num_hidden_layers": 2, "num_attention_heads": 4,
+                            "max_position_embeddings": 24, "hidden_act": "quick_gelu"},
+            "vision_config": {"image_size": 32, "patch_size": 4, "hidden_size": 64,
+                              "intermediate_size": 128, "num_hidden_layers": 2,
+                              "num_attention_heads": 4, "hidden_act": "quick_gelu"},
+        },
+        vocab_size=512, max_text_length=24,
+        train=TrainConfig(steps=150 if small else 800, batch_size=64, learning_rate=1e-3,
+                          warmup_steps=50),
+    )
+
+
+def _preset_ci() -> Config:
+    return Config(
+        preset="ci",
+        data=DataConfig(image_size=32, splits=SplitsConfig(
+            pretrain=256, target_members=64, target_nonmembers=64, target_known_members=32,
+            target_known_nonmembers=32, shadow_members=64, shadow_nonmembers=64,
+            auxiliary=256)),
+        ldm=_ci_tiny_ldm("ci"), dalle=_ci_tiny_dalle("ci"),
+        adversary=AdversaryConfig(k=2, encoder=_ci_tiny_encoder("ci"), n_bootstrap=200,
+                                  mlp=MLPConfig(hidden=(32,), max_epochs=100, patience=15)),
+    )
+
+
+def _preset_tiny() -> Config:
+    return Config(
+        preset="tiny",
+        data=DataConfig(image_size=32, splits=SplitsConfig(
+            pretrain=2000, target_members=500, target_nonmembers=500, target_known_members=0,
+            target_known_nonmembers=0, shadow_members=500, shadow_nonmembers=500,
+            auxiliary=1000)),
+        ldm=_ci_tiny_ldm("tiny"), dalle=_ci_tiny_dalle("tiny"),
+        adversary=AdversaryConfig(k=4, encoder=_ci_tiny_encoder("tiny"), n_bootstrap=1000),
+    )
+
+
+def _preset_paper_ldm() -> Config:
+    """Paper scale (256x256, MS-COCO-sized member sets) for accelerators; SD-1.x-like shapes."""
+    return Config(
+        preset="paper-ldm", target="ldm",
+        data=DataConfig(source="coco", image_size=256, splits=SplitsConfig(
+            pretrain=50000, target_members=10000, target_nonmembers=10000,
+            target_known_members=1000, target_known_nonmembers=1000, shadow_members=10000,
+            shadow_nonmembers=10000, auxiliary=20000)),
+        ldm=LDMConfig(
+            vae={"in_channels": 3, "out_channels": 3, "latent_channels": 4,
+                 "down_block_types": ["DownEncoderBlock2D"] * 4,
+                 "up_block_types": ["UpDecoderBlock2D"] * 4,
+                 "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2,
+                 "act_fn": "silu", "norm_num_groups": 32, "sample_size": 256,
+                 "scaling_factor": 0.18215},
+            unet={"sample_size": 32, "in_channels": 4, "out_channels": 4,
+                  "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+                  "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+                  "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2,
+                  "attention_head_dim": 8, "cross_attention_dim": 768,
+                  "flip_sin_to_cos": True, "freq_shift": 0},
+            text_encoder={"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072,
+                          "num_hidden_layers": 12, "num_attention_heads": 12,
+                          "max_position_embeddings": 77, "hidden_act": "quick_gelu",
+                          "projection_dim": 768},
+            scheduler=_ci_tiny_ldm("tiny").scheduler,
+            vocab_size=49408, max_text_length=77,
+            vae_train=TrainConfig(steps=50000, batch_size=256, learning_rate=1e-4),
+            train=TrainConfig(steps=200000, batch_size=256, learning_rate=1e-4,
+                              warmup_steps=10000, ema_decay=0.9999, checkpoint_every=5000),
+            sample=DiffusionSampleConfig(num_inference_steps=50, guidance_scale=7.5,
+                                         batch_size=256)),
+        adversary=AdversaryConfig(k=4, n_bootstrap=1000, encoder=EncoderConfig(
+            clip={"projection_dim": 512,
+                  "text_config": {"vocab_size": 49408, "hidden_size": 512,
+                                  "intermediate_size": 2048, "num_hidden_layers": 12,
+                                  "num_attention_heads": 8, "max_position_embeddings": 77},
+                  "vision_config": {"image_size": 224, "patch_size": 32, "hidden_size": 768,
+                                    "intermediate_size": 3072, "num_hidden_layers": 12,
+                                    "num_attention_heads": 12}},
+            vocab_size=49408, max_text_length=77,
+            train=TrainConfig(steps=50000, batch_size=1024, learning_rate=5e-4))),
+    )
+
+
+def _preset_paper_dalle() -> Config:
+    """Paper scale DALL-E mini (256x256, f16 VQGAN -> 256 tokens, dalle-mini sizes)."""
+    cfg = _preset_paper_ldm()
+    cfg.preset, cfg.target = "paper-dalle", "dalle-mini"
+    cfg.dalle = DalleConfig(
+        vqgan={"ch": 128, "out_ch": 3, "in_channels": 3, "num_res_blocks": 2,
+               "attn_resolutions": [16], "ch_mult": [1, 1, 2, 2, 4], "resolution": 256,
+               "z_channels": 256, "double_z": False, "n_embed": 16384, "embed_dim": 256,
+               "dropout": 0.0, "resamp_with_conv": True, "give_pre_end": False,
+               "num_resolutions": 5},
+        bart={"d_model": 1024, "encoder_layers": 12, "decoder_layers": 12,
+              "encoder_attention_heads": 16, "decoder_attention_heads": 16,
+              "encoder_ffn_dim": 2730, "decoder_ffn_dim": 2730, "encoder_vocab_size": 50264,
+              "image_vocab_size": 16384, "image_length": 256, "max_text_length": 64},
+        vocab_size=50264,
+        vqgan_train=TrainConfig(steps=100000, batch_size=64, learning_rate=1e-4),
+        train=TrainConfig(steps=200000, batch_size=256, learning_rate=1e-4,
+                          warmup_steps=5000, checkpoint_every=5000),
+        sample=DalleSampleConfig(top_k=0, condition_scale=10.0, batch_size=256))
+    return cfg
+
+
+PRESETS = {
+    "ci": _preset_ci,
+    "tiny": _preset_tiny,
+    "paper-ldm": _preset_paper_ldm,
+    "paper-dalle": _preset_paper_dalle,
+}
+
+
+def get_config(preset: str = "tiny") -> Config:
+    """Returns a fresh copy of a preset."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset '{preset}' (choose one of {sorted(PRESETS)})")
+    return PRESETS[preset]()
+
+
+# ----------------------------------------------------------------------------- overrides
+
+def _to_jsonable(x):
+    if isinstance(x, dict):
+        return {k: _to_jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_to_jsonable(v) for v in x]
+    return x
+
+
+def _get_path(d: dict, path: str):
+    cur = d
+    for part in path.split("."):
+        cur = cur[part]
+    return cur
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Checks/coerces ``value`` to the annotated type ``tp``; errors name the key."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"config key '{key}': expected {tp}, got {value!r}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+        (elem,) = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        return tuple(_coerce(v, elem, f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected a JSON object, got {value!r}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+    raise ConfigError(f"config key '{key}': unsupported type {tp}")
+
+
+def _parse_value(text: str) -> Any:
+    """``--set`` values are JSON when they parse (numbers, lists, true, null), else strings."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def set_value(cfg: Config, key: str, value: Any) -> None:
+    """Sets ``a.b.c`` = value in place, type-checked; inside dict sections any key is allowed
+    (it is validated by the model's config class in :func:`validate`)."""
+    parts = key.split(".")
+    obj: Any = cfg
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        where = ".".join(parts[: i + 1])
+        if dataclasses.is_dataclass(obj):
+            fields = {f.name: f for f in dataclasses.fields(obj)}
+            if part not in fields:
+                raise ConfigError(f"unknown config key '{where}' (known under "
+                                  f"'{'.'.join(parts[:i]) or '<root>'}': {sorted(fields)})")
+            hints = typing.get_type_hints(type(obj))
+            if last:
+                cur = getattr(obj, part)
+                if dataclasses.is_dataclass(cur):
+                    if not isinstance(value, dict):
+                        raise ConfigError(f"config key '{where}': expected a JSON object")
+                    for k, v in value.items():
+                        set_value(cfg, f"{where}.{k}", v)
+                else:
+                    setattr(obj, part, _coerce(value, hints[part], where))
+                return
+            obj = getattr(obj, part)
+        elif isinstance(obj, dict):
+            if last:
+                obj[part] = value
+                return
+            obj = obj.setdefault(part, {})
+            if not isinstance(obj, dict):
+                raise ConfigError(f"config key '{where}' is not a section")
+        else:
+            raise ConfigError(f"config key '{where}' is not a section")
+
+
+def apply_overrides(cfg: Config, overrides: dict | list[str]) -> Config:
+    """Applies ``{"a.b": v}`` or ``["a.b=v", ...]`` (the ``--set`` syntax)."""
+    if isinstance(overrides, dict):
+        items = list(overrides.items())
+    else:
+        items = []
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"--set expects key=value, got '{item}'")
+            k, v = item.split("=", 1)
+            items.append((k.strip(), _parse_value(v.strip())))
+    for k, v in items:
+        set_value(cfg, k, v)
+    return cfg
+
+
+def load_config(spec: str | None = None, overrides: list[str] | dict | None = None) -> Config:
+    """``spec``: a preset name or a JSON file path; then ``overrides``; then validation."""
+    spec = spec or "tiny"
+    if spec in PRESETS:
+        cfg = get_config(spec)
+    elif os.path.isfile(spec):
+        try:
+            with open(spec, encoding="utf-8") as f:
+                data = json.load(f)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{spec}: not a valid UTF-8 JSON config ({e})") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"{spec}: expected a JSON object of config keys")
+        cfg = get_config(data.pop("preset", "tiny"))
+        try:
+            apply_overrides(cfg, data)
+        except ConfigError as e:
+            raise ConfigError(f"{spec}: {e}") from e
+    else:
+        raise ConfigError(f"--config '{spec}': neither a preset ({sorted(PRESETS)}) nor a file")
+    if overrides:
+        apply_overrides(cfg, overrides)
+    validate(cfg)
+    return cfg
+
+
+# ----------------------------------------------------------------------------- validation
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"config key '{key}': {msg}")
+
+
+def validate(cfg: Config) -> Config:
+    """Validates values (ranges, enums) and the model sub-configs with their own classes."""
+    _check(cfg.target in TARGETS, "target", f"expected one of {TARGETS}, got {cfg.target!r}")
+    _check(cfg.data.source in DATA_SOURCES, "data.source",
+           f"expected one of {DATA_SOURCES}, got {cfg.data.source!r}")
+    _check(cfg.data.image_size >= 8 and cfg.data.image_size % 8 == 0, "data.image_size",
+           f"expected a multiple of 8 >= 8, got {cfg.data.image_size}")
+    for f in dataclasses.fields(cfg.data.splits):
+        _check(getattr(cfg.data.splits, f.name) >= 0, f"data.splits.{f.name}", "must be >= 0")
+    a = cfg.adversary
+    _check(a.caption_source in CAPTION_SOURCES, "adversary.caption_source",
+           f"expected one of {CAPTION_SOURCES}, got {a.caption_source!r}")
+    _check(a.aux_mode in AUX_MODES, "adversary.aux_mode",
+           f"expected one of {AUX_MODES}, got {a.aux_mode!r}")
+    _check(a.k >= 1, "adversary.k", f"must be >= 1, got {a.k}")
+    _check(0.0 < a.mlp.val_fraction < 0.5, "adversary.mlp.val_fraction", "must be in (0, 0.5)")
+    _check(a.n_bootstrap >= 0, "adversary.n_bootstrap", "must be >= 0")
+    _check(cfg.mesh.model >= 1, "mesh.model", "must be >= 1")
+    _check(cfg.mesh.data == -1 or cfg.mesh.data >= 1, "mesh.data", "must be -1 or >= 1")
+    _check(0.0 <= cfg.ldm.caption_dropout < 1.0, "ldm.caption_dropout", "must be in [0, 1)")
+    _check(cfg.ldm.sample.eta >= 0.0, "ldm.sample.eta", "must be >= 0")
+    for name, t in (("ldm.train", cfg.ldm.train), ("ldm.vae_train", cfg.ldm.vae_train),
+                    ("dalle.train", cfg.dalle.train), ("dalle.vqgan_train", cfg.dalle.vqgan_train),
+                    ("adversary.encoder.train", a.encoder.train)):
+        _check(t.steps >= 0, f"{name}.steps", "must be >= 0")
+        _check(t.batch_size >= 1, f"{name}.batch_size", "must be >= 1")
+        _check(t.learning_rate > 0, f"{name}.learning_rate", "must be > 0")
+        _check(0.0 <= t.ema_decay < 1.0, f"{name}.ema_decay", "must be in [0, 1)")
+        _check(t.checkpoint_every >= 1, f"{name}.checkpoint_every", "must be >= 1")
+    if a.aux_mode == "partial":
+        s = cfg.data.splits
+        _check(s.target_known_members >= 2 and s.target_known_nonmembers >= 2,
+               "data.splits.target_known_members",
+               "partial-knowledge mode needs >= 2 known members and non-members")
+    _validate_model_configs(cfg)
+    return cfg
+
+
+def _validate_model_configs(cfg: Config) -> None:
+    """Each model sub-config is checked by the model's own config class, naming the key."""
+    from t2i_mia.models import autoencoder_kl, clip, dallebart, schedulers, unet, vqgan
+    checks = [
+        ("ldm.vae", cfg.ldm.vae, autoencoder_kl.AutoencoderKLConfig),
+        ("ldm.unet", cfg.ldm.unet, unet.UNet2DConditionConfig),
+        ("ldm.text_encoder", cfg.ldm.text_encoder, clip.CLIPTextConfig),
+        ("ldm.scheduler", cfg.ldm.scheduler, schedulers.SchedulerConfig),
+        ("dalle.vqgan", cfg.dalle.vqgan, vqgan.VQGANConfig),
+        ("dalle.bart", cfg.dalle.bart, dallebart.DalleBartConfig),
+        ("adversary.encoder.clip", cfg.adversary.encoder.clip, clip.CLIPConfig),
+    ]
+    for key, d, cls in checks:
+        if d:
+            try:
+                cls.from_dict(copy.deepcopy(d), where=f"config '{key}'")
+            except ConfigError:
+                raise
+            except (TypeError, ValueError, KeyError) as e:
+                raise ConfigError(f"config '{key}': {e}") from e
