@@ -1,0 +1,168 @@
+"""Metrics: hand-computed ROC/AUC/TPR@FPR, agreement with scikit-learn, bootstrap CIs."""
+
+import functools
+
+import numpy as np
+import pytest
+
+from t2i_mia.adversary import metrics as M
+from t2i_mia.errors import DataError
+
+sklearn_metrics = pytest.importorskip("sklearn.metrics")
+
+
+def test_auc_hand_cases():
+    y = np.array([0, 0, 1, 1])
+    assert M.roc_auc([0.1, 0.2, 0.8, 0.9], y) == 1.0
+    assert M.roc_auc([0.9, 0.8, 0.2, 0.1], y) == 0.0
+    assert M.roc_auc([0.5, 0.5, 0.5, 0.5], y) == 0.5
+    # 4 pairs (pos, neg): (0.35 > 0.1), (0.35 < 0.4), (0.8 > 0.1), (0.8 > 0.4) -> 3/4
+    assert M.roc_auc([0.1, 0.4, 0.35, 0.8], y) == 0.75
+    # a tie counts 1/2: pos {0.5, 0.9} vs neg {0.5, 0.1}: 0.5 + 1 + 1 + 1 = 3.5 / 4
+    assert M.roc_auc([0.5, 0.1, 0.5, 0.9], y) == 0.875
+
+
+def test_roc_curve_hand_case():
+    fpr, tpr, thr = M.roc_curve([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1])
+    np.testing.assert_array_equal(fpr, [0, 0, 0.5, 0.5, 1])
+    np.testing.assert_array_equal(tpr, [0, 0.5, 0.5, 1, 1])
+    np.testing.assert_array_equal(thr, [np.inf, 0.8, 0.4, 0.35, 0.1])
+
+
+@pytest.mark.parametrize("drop", [True, False])
+def test_agrees_with_sklearn_on_random_data_with_ties(drop):
+    rng = np.random.default_rng(0)
+    for _ in range(25):
+        n = int(rng.integers(4, 80))
+        y = rng.integers(0, 2, n)
+        y[:2], y[2:4] = 1, 0
+        s = rng.integers(0, 6, n) * 0.25  # many ties
+        assert M.roc_auc(s, y) == pytest.approx(sklearn_metrics.roc_auc_score(y, s), abs=1e-12)
+        ours = M.roc_curve(s, y, drop_intermediate=drop)
+        ref = sklearn_metrics.roc_curve(y, s, drop_intermediate=drop)
+        for a, b, name in zip(ours, ref, ("fpr", "tpr", "thresholds")):
+            np.testing.assert_allclose(a, b, err_msg=name)
+
+
+def test_tpr_at_fpr_hand_example():
+    members = [0.9, 0.8, 0.7, 0.3]
+    nonmembers = [0.85, 0.6, 0.5, 0.4, 0.2, 0.1, 0.05, 0.0, -0.1, -0.2]
+    s = np.array(members + nonmembers)
+    y = np.array([1] * 4 + [0] * 10)
+    # FPR <= 0.1 allows one false positive (0.85): thresholds down to 0.7 -> 3/4 members.
+    assert M.tpr_at_fpr(s, y, 0.1) == 0.75
+    assert M.tpr_at_fpr(s, y, 0.3) == 0.75  # 3 FPs at t = 0.5, the next member is at 0.3
+    assert M.tpr_at_fpr(s, y, 0.5) == 1.0  # 5 FPs at t = 0.2 include the member at 0.3
+    assert M.tpr_at_fpr(s, y, 1.0) == 1.0
+    # Below 1 / n_nonmembers = 0.1 the set cannot tell: None.
+    assert M.tpr_at_fpr(s, y, 0.05) is None
+    assert M.tpr_at_fpr(s, y, 0.0) is None
+    assert M.min_resolvable_fpr(y) == 0.1
+
+
+def test_tpr_at_fpr_does_not_split_tie_groups():
+    # pos {0.9, 0.5}, neg {0.5, 0.5, 0, 0}: one FP allowed, but the 0.5 group brings two.
+    s = np.array([0.9, 0.5, 0.5, 0.5, 0.0, 0.0])
+    y = np.array([1, 1, 0, 0, 0, 0])
+    assert M.tpr_at_fpr(s, y, 0.25) == 0.5
+    assert M.tpr_at_fpr(s, y, 0.5) == 1.0
+    # When even the top score group exceeds the allowance, only "nothing is member" fits.
+    s2 = np.array([0.5, 0.5, 0.5, 0.5, 0.5, 0.0])
+    assert M.tpr_at_fpr(s2, y, 0.25) == 0.0
+
+
+def test_accuracy_and_balanced_accuracy():
+    y = np.array([1, 1, 1, 1, 0, 0])
+    p = np.array([1, 1, 1, 0, 1, 0])
+    assert M.accuracy(p, y) == pytest.approx(4 / 6)
+    assert M.balanced_accuracy(p, y) == pytest.approx(0.5 * (3 / 4 + 1 / 2))
+    assert M.balanced_accuracy(p, y) == pytest.approx(
+        sklearn_metrics.balanced_accuracy_score(y, p))
+    with pytest.raises(DataError, match="0 or 1"):
+        M.accuracy(np.array([0.3, 1, 1, 0, 1, 0]), y)
+
+
+def test_too_small_or_bad_sets_error():
+    with pytest.raises(DataError, match="got 0 members and 0 non-members"):
+        M.roc_auc([], [])
+    with pytest.raises(DataError, match="at least 2 members and 2 non-members, got 1 members "
+                                        "and 3 non-members"):
+        M.roc_auc([0.1, 0.2, 0.3, 0.4], [1, 0, 0, 0])
+    for fn in (M.roc_curve, functools.partial(M.tpr_at_fpr, fpr=0.5)):
+        with pytest.raises(DataError, match="got 2 members and 1 non-members"):
+            fn([0.1, 0.2, 0.3], [1, 1, 0])
+    with pytest.raises(DataError, match="non-finite"):
+        M.roc_auc([0.1, np.nan, 0.3, 0.4], [1, 1, 0, 0])
+    with pytest.raises(DataError, match="labels must be 0"):
+        M.roc_auc([0.1, 0.2, 0.3, 0.4], [1, 2, 0, 0])
+    with pytest.raises(DataError, match="3 scores but 4 labels"):
+        M.roc_auc([0.1, 0.2, 0.3], [1, 1, 0, 0])
+
+
+def _gauss(n, shift, seed):
+    rng = np.random.default_rng(seed)
+    y = np.r_[np.ones(n), np.zeros(n)].astype(int)
+    return rng.normal(size=2 * n) + shift * y, y
+
+
+def test_bootstrap_contains_estimate_and_shrinks():
+    widths = []
+    for n in (50, 2000):
+        s, y = _gauss(n, 1.0, seed=n)
+        lo, hi = M.bootstrap_ci(M.roc_auc, s, y, n=500, seed=1)
+        assert lo <= M.roc_auc(s, y) <= hi
+        widths.append(hi - lo)
+    # The CI width scales like 1/sqrt(n): 40x the data, ~6x narrower.
+    assert widths[1] < widths[0] / 4
+
+
+def test_bootstrap_vectorised_equals_loop():
+    s, y = _gauss(60, 0.7, seed=3)
+    s = np.round(s, 1)  # ties
+    for metric in (M.roc_auc, functools.partial(M.tpr_at_fpr, fpr=0.05),
+                   functools.partial(M.tpr_at_fpr, fpr=0.2)):
+        fast = M.bootstrap_values(metric, s, y, n=200, seed=7)
+        slow = M.bootstrap_values(metric, s, y, n=200, seed=7, vectorise=False)
+        np.testing.assert_allclose(fast, slow, rtol=0, atol=1e-12)
+    # a generic metric goes through the loop with the same resamples
+    generic = M.bootstrap_values(lambda a, b: M.roc_auc(a, b), s, y, n=200, seed=7)
+    np.testing.assert_allclose(generic, M.bootstrap_values(M.roc_auc, s, y, n=200, seed=7),
+                               atol=1e-12)
+
+
+def test_bootstrap_unmeasurable_is_none_and_seeded():
+    s, y = _gauss(50, 1.0, seed=0)  # 50 non-members: FPR 1e-3 is unmeasurable
+    assert M.bootstrap_ci(functools.partial(M.tpr_at_fpr, fpr=1e-3), s, y, n=100) is None
+    assert M.bootstrap_ci(lambda a, b: None, s, y, n=20) is None
+    a = M.bootstrap_ci(M.roc_auc, s, y, n=100, seed=5)
+    assert a == M.bootstrap_ci(M.roc_auc, s, y, n=100, seed=5)
+    assert a != M.bootstrap_ci(M.roc_auc, s, y, n=100, seed=6)
+
+
+def test_bootstrap_is_stratified():
+    # Every resample keeps 3 members and 40 non-members: the metric never sees a set
+    # without members (plain resampling would draw one with probability ~(40/43)^43 ~ 4%
+    # per resample and roc_auc would raise).
+    s, y = _gauss(40, 1.0, seed=2)
+    s, y = np.r_[s[:3], s[40:]], np.r_[y[:3], y[40:]]
+    vals = M.bootstrap_values(lambda a, b: float(np.sum(b)), s, y, n=300, seed=0)
+    assert np.all(vals == 3)
+
+
+def test_evaluate_report_block():
+    s, y = _gauss(150, 1.5, seed=4)
+    p = (s > 0.75).astype(int)
+    out = M.evaluate(s, p, y, n_boot=200, seed=0)
+    assert tuple(out) == M.METRIC_KEYS
+    assert out["auc"] == pytest.approx(sklearn_metrics.roc_auc_score(y, s))
+    assert out["accuracy"] == pytest.approx(np.mean(p == y))
+    assert out["tpr_at_fpr_1e-2"] == M.tpr_at_fpr(s, y, 0.01)
+    assert isinstance(out["auc_ci"], list) and len(out["auc_ci"]) == 2
+    assert out["auc_ci"][0] <= out["auc"] <= out["auc_ci"][1]
+    assert isinstance(out["tpr_at_fpr_1e-2_ci"], list)
+    assert out["tpr_at_fpr_1e-3"] is None  # 150 non-members < 1000
+    assert out["min_resolvable_fpr"] == pytest.approx(1 / 150)
+    # 50 non-members: TPR@1% is unmeasurable too, with its CI
+    s2, y2 = _gauss(50, 1.5, seed=4)
+    out2 = M.evaluate(s2, (s2 > 0.75).astype(int), y2, n_boot=50, seed=0)
+    assert out2["tpr_at_fpr_1e-2"] is None and out2["tpr_at_fpr_1e-2_ci"] is None
