@@ -1,0 +1,336 @@
+"""The audit report: ``report.json`` (schema_version 1), ``report.md``, ``roc.png``, ``samples.png``.
+
+The schema is the one of the conventions ("Report")::
+
+    target, data, n_eval: {members, nonmembers}, k, caption_source, aux_mode, seeds, config,
+    manifest_sha256, timings_s: {<phase>: s},
+    attacks: {<pixel|semantic|faithfulness|combined>: {
+       mlp: {<METRIC_KEYS>}, threshold: {<feature name>: {<METRIC_KEYS>}}}},
+    controls: {null_target: {auc, auc_ci}, shuffled_labels: {auc, auc_ci}}
+
+:func:`validate_report` checks it; top-level keys beyond these are allowed (e.g. a white-box
+reference block) and written unchanged. ``manifest.json`` is written by the audit pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+import re
+from typing import Any, Mapping
+
+import numpy as np
+
+from t2i_mia.adversary.metrics import METRIC_KEYS
+from t2i_mia.errors import DataError
+from t2i_mia.report import plots
+
+SCHEMA_VERSION = 1
+ATTACK_NAMES = ("pixel", "semantic", "faithfulness", "combined")
+CONTROL_NAMES = ("null_target", "shuffled_labels")
+_FAMILIES = ("pixel", "semantic", "faithfulness")
+_FEATURE_RE = re.compile(r"^(pixel|semantic|faithfulness)\.[A-Za-z0-9_]+\.[A-Za-z0-9_]+$")
+_NULLABLE = {"tpr_at_fpr_1e-2", "tpr_at_fpr_1e-3"}  # unmeasurable below 1/n_nonmembers
+
+
+# ----------------------------------------------------------------------------- JSON values
+
+def _jsonable(x: Any, where: str) -> Any:
+    """numpy / tuples -> plain JSON values; NaN or inf is an error naming the key path."""
+    if x is None or isinstance(x, (bool, np.bool_)):
+        return None if x is None else bool(x)
+    if isinstance(x, (numbers.Integral, np.integer)):
+        return int(x)
+    if isinstance(x, (numbers.Real, np.floating)):
+        v = float(x)
+        if not math.isfinite(v):
+            raise DataError(f"report: {where} = {v} (NaN/inf is not valid in report.json)")
+        return v
+    if isinstance(x, str):
+        return x
+    if isinstance(x, np.ndarray):
+        return _jsonable(x.tolist(), where)
+    if isinstance(x, Mapping):
+        out = {}
+        for k, v in x.items():
+            if not isinstance(k, str):
+                raise DataError(f"report: {where} has a non-string key {k!r}")
+            out[k] = _jsonable(v, f"{where}.{k}" if where else k)
+        return out
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v, f"{where}[{i}]") for i, v in enumerate(x)]
+    raise DataError(f"report: {where} has a value of type {type(x).__name__} that JSON "
+                    "cannot hold")
+
+
+# ----------------------------------------------------------------------------- validation
+
+def _is_num(v) -> bool:
+    return isinstance(v, (numbers.Real, np.floating, np.integer)) and \
+        not isinstance(v, (bool, np.bool_)) and math.isfinite(float(v))
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (numbers.Integral, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _need(d: Mapping, key: str, where: str) -> Any:
+    if not isinstance(d, Mapping):
+        raise DataError(f"report: {where} must be an object, got {type(d).__name__}")
+    if key not in d:
+        raise DataError(f"report: missing key '{where}.{key}'" if where
+                        else f"report: missing key '{key}'")
+    return d[key]
+
+
+def _rate(v, where: str, nullable: bool) -> None:
+    if v is None and nullable:
+        return
+    if not _is_num(v) or not 0.0 <= float(v) <= 1.0:
+        raise DataError(f"report: '{where}' must be a number in [0, 1]"
+                        + (" or null" if nullable else "") + f", got {v!r}")
+
+
+def _ci(v, where: str) -> None:
+    if v is None:
+        return
+    if not isinstance(v, (list, tuple)) or len(v) != 2 or not all(_is_num(b) for b in v) \
+            or not 0.0 <= float(v[0]) <= float(v[1]) <= 1.0:
+        raise DataError(f"report: '{where}' must be [lo, hi] with 0 <= lo <= hi <= 1, or null; "
+                        f"got {v!r}")
+
+
+def _metrics(block, where: str, required=METRIC_KEYS) -> None:
+    if not isinstance(block, Mapping):
+        raise DataError(f"report: '{where}' must be an object of metrics, got "
+                        f"{type(block).__name__}")
+    for key in required:
+        _need(block, key, where)
+    for key, v in block.items():
+        w = f"{where}.{key}"
+        if key not in METRIC_KEYS:
+            raise DataError(f"report: unknown key '{w}' (metric keys: {list(METRIC_KEYS)})")
+        if key.endswith("_ci"):
+            _ci(v, w)
+        elif key == "min_resolvable_fpr":
+            if not _is_num(v) or not 0.0 < float(v) <= 1.0:
+                raise DataError(f"report: '{w}' must be a number in (0, 1], got {v!r}")
+        else:
+            _rate(v, w, nullable=key in _NULLABLE)
+
+
+def validate_report(report: Mapping) -> None:
+    """Checks a report against schema_version 1; raises DataError naming the bad key."""
+    if not isinstance(report, Mapping):
+        raise DataError(f"report: must be an object, got {type(report).__name__}")
+    if _need(report, "schema_version", "") != SCHEMA_VERSION:
+        raise DataError(f"report: 'schema_version' must be {SCHEMA_VERSION}, got "
+                        f"{report['schema_version']!r}")
+    for key in ("target", "data", "caption_source", "aux_mode", "manifest_sha256"):
+        v = _need(report, key, "")
+        if not isinstance(v, str) or not v:
+            raise DataError(f"report: '{key}' must be a non-empty string, got {v!r}")
+    if not re.fullmatch(r"[0-9a-f]{64}", report["manifest_sha256"]):
+        raise DataError(f"report: 'manifest_sha256' must be 64 lowercase hex digits, got "
+                        f"{report['manifest_sha256']!r}")
+    n_eval = _need(report, "n_eval", "")
+    for key in ("members", "nonmembers"):
+        v = _need(n_eval, key, "n_eval")
+        if not _is_int(v) or v < 0:
+            raise DataError(f"report: 'n_eval.{key}' must be a non-negative integer, got {v!r}")
+    k = _need(report, "k", "")
+    if not _is_int(k) or k < 1:
+        raise DataError(f"report: 'k' must be a positive integer, got {k!r}")
+    seeds = _need(report, "seeds", "")
+    if not isinstance(seeds, Mapping) or not seeds:
+        raise DataError(f"report: 'seeds' must be a non-empty object name -> int, got {seeds!r}")
+    for name, v in seeds.items():
+        if not _is_int(v):
+            raise DataError(f"report: 'seeds.{name}' must be an integer, got {v!r}")
+    if not isinstance(_need(report, "config", ""), Mapping):
+        raise DataError("report: 'config' must be an object (the resolved config)")
+    timings = _need(report, "timings_s", "")
+    if not isinstance(timings, Mapping):
+        raise DataError("report: 'timings_s' must be an object phase -> seconds")
+    for phase, v in timings.items():
+        if not _is_num(v) or v < 0:
+            raise DataError(f"report: 'timings_s.{phase}' must be seconds >= 0, got {v!r}")
+
+    attacks = _need(report, "attacks", "")
+    if not isinstance(attacks, Mapping) or not attacks:
+        raise DataError(f"report: 'attacks' must be a non-empty object, got {attacks!r}")
+    for name, block in attacks.items():
+        if name not in ATTACK_NAMES:
+            raise DataError(f"report: unknown attack 'attacks.{name}' (expected {ATTACK_NAMES})")
+        _metrics(_need(block, "mlp", f"attacks.{name}"), f"attacks.{name}.mlp")
+        thresholds = _need(block, "threshold", f"attacks.{name}")
+        if not isinstance(thresholds, Mapping) or not thresholds:
+            raise DataError(f"report: 'attacks.{name}.threshold' must be a non-empty object "
+                            "feature -> metrics")
+        extra = set(block) - {"mlp", "threshold"}
+        if extra:
+            raise DataError(f"report: unknown key 'attacks.{name}.{sorted(extra)[0]}'")
+        for feat, m in thresholds.items():
+            fam = _FEATURE_RE.match(feat)
+            if not fam or (name != "combined" and fam.group(1) != name):
+                raise DataError(f"report: 'attacks.{name}.threshold.{feat}': feature names are "
+                                f"'<attack>.<metric>.<agg>' of attack "
+                                f"{'pixel|semantic|faithfulness' if name == 'combined' else name}")
+            _metrics(m, f"attacks.{name}.threshold.{feat}")
+
+    controls = _need(report, "controls", "")
+    for name in CONTROL_NAMES:
+        _metrics(_need(controls, name, "controls"), f"controls.{name}",
+                 required=("auc", "auc_ci"))
+    extra = set(controls) - set(CONTROL_NAMES)
+    if extra:
+        raise DataError(f"report: unknown key 'controls.{sorted(extra)[0]}'")
+
+
+# ----------------------------------------------------------------------------- markdown
+
+def _num(v, digits: int = 3) -> str:
+    return "n/a" if v is None else f"{float(v):.{digits}f}"
+
+
+def _with_ci(v, ci) -> str:
+    if v is None:
+        return "n/a"
+    return f"{_num(v)} [{_num(ci[0])}, {_num(ci[1])}]" if ci is not None else _num(v)
+
+
+def _metric_cells(m: Mapping) -> list[str]:
+    return [_with_ci(m["auc"], m["auc_ci"]), _num(m["accuracy"]), _num(m["balanced_accuracy"]),
+            _with_ci(m["tpr_at_fpr_1e-2"], m["tpr_at_fpr_1e-2_ci"]),
+            _num(m["tpr_at_fpr_1e-3"])]
+
+
+_HEADER = ["AUC [95% CI]", "accuracy", "balanced acc.", "TPR@1%FPR [95% CI]", "TPR@0.1%FPR"]
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _attack_order(attacks: Mapping) -> list[str]:
+    return [a for a in ATTACK_NAMES if a in attacks]
+
+
+def _controls_table(report: Mapping) -> str:
+    rows = []
+    for name in CONTROL_NAMES:
+        c = report["controls"][name]
+        ci = c["auc_ci"]
+        ok = "n/a" if ci is None else ("yes" if ci[0] <= 0.5 <= ci[1] else "NO")
+        rows.append([name, _with_ci(c["auc"], ci), ok])
+    return _table(["control", "AUC [95% CI]", "CI contains 0.5"], rows)
+
+
+def format_table(report: Mapping) -> str:
+    """The headline table (attack-model rows, then the controls), as markdown text."""
+    rows = [[a] + _metric_cells(report["attacks"][a]["mlp"])
+            for a in _attack_order(report["attacks"])]
+    n = report["n_eval"]
+    return (f"Attack models (MLP), {n['members']} members vs {n['nonmembers']} non-members, "
+            f"k = {report['k']}:\n\n" + _table(["attack"] + _HEADER, rows)
+            + "\n\nControls:\n\n" + _controls_table(report) + "\n")
+
+
+def format_markdown(report: Mapping) -> str:
+    """The whole report.md."""
+    n = report["n_eval"]
+    seeds = ", ".join(f"{k} = {v}" for k, v in report["seeds"].items())
+    meta = _table(["", ""], [
+        ["target", str(report["target"])], ["data", str(report["data"])],
+        ["n_eval", f"{n['members']} members, {n['nonmembers']} non-members"],
+        ["k (generations per query)", str(report["k"])],
+        ["caption source", str(report["caption_source"])],
+        ["aux mode", str(report["aux_mode"])], ["seeds", seeds],
+        ["manifest sha256", f"`{report['manifest_sha256']}`"]])
+    thr_rows = []
+    for a in _attack_order(report["attacks"]):
+        for feat in sorted(report["attacks"][a]["threshold"]):
+            thr_rows.append([a, f"`{feat}`"]
+                            + _metric_cells(report["attacks"][a]["threshold"][feat]))
+    mlp_rows = [[a] + _metric_cells(report["attacks"][a]["mlp"])
+                for a in _attack_order(report["attacks"])]
+    timings = _table(["phase", "seconds"],
+                     [[p, f"{float(s):.2f}"] for p, s in report["timings_s"].items()])
+    any_mlp = next(iter(report["attacks"].values()))["mlp"]
+    floor = any_mlp["min_resolvable_fpr"]
+    return "\n".join([
+        f"# Membership inference audit: {report['target']} on {report['data']}", "",
+        meta, "",
+        "## Attack models (MLP)", "",
+        _table(["attack"] + _HEADER, mlp_rows), "",
+        "## Threshold attacks (one feature each)", "",
+        _table(["attack", "feature"] + _HEADER, thr_rows), "",
+        f"CIs: 95% stratified bootstrap. n/a: not measurable; a TPR at an FPR below "
+        f"1/n_nonmembers = {_num(floor, 5)} cannot be resolved on this evaluation set. "
+        "Thresholds and attack models were fitted on attack-training data only.", "",
+        "## Controls", "",
+        _controls_table(report), "",
+        "A control whose CI excludes 0.5 needs investigation (a label leak is the first "
+        "suspect). The CI covers evaluation sampling only, not the randomness of the "
+        "attack's training.", "",
+        "## Timings", "",
+        timings, "",
+        "Figures: `roc.png` (log-log ROC), `samples.png` (query | generations).", ""])
+
+
+# ----------------------------------------------------------------------------- writing
+
+def _write_text_atomic(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_report(out_dir: str | os.PathLike, report: Mapping, roc_curves: Mapping,
+                 sample_grid: Mapping | None = None) -> dict[str, str]:
+    """Validates and writes the report files.
+
+    Args:
+      out_dir: the ``--out`` folder (created if missing).
+      report: the report dict (schema above); ``schema_version`` is added if absent. numpy
+        values are converted; NaN/inf anywhere is a DataError naming the key.
+      roc_curves: name -> (fpr, tpr) for ``roc.png``.
+      sample_grid: None, or {"queries": uint8[M,H,W,3], "generated": uint8[M,k,H,W,3],
+        "labels": {0,1}[M], "captions": list[str]} for ``samples.png``.
+    Returns: {"json", "md", "roc", "samples"?} -> written paths. Nothing is written when the
+      report is invalid; every file is replaced atomically (tmp file + os.replace).
+    """
+    report = dict(report)
+    report.setdefault("schema_version", SCHEMA_VERSION)
+    clean = _jsonable(report, "")
+    validate_report(clean)
+    text = json.dumps(clean, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    md = format_markdown(clean)
+    if sample_grid is not None:
+        missing = {"queries", "generated", "labels", "captions"} - set(sample_grid)
+        if missing:
+            raise DataError(f"write_report: sample_grid misses {sorted(missing)}")
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {"json": os.path.join(out_dir, "report.json"),
+             "md": os.path.join(out_dir, "report.md"),
+             "roc": os.path.join(out_dir, "roc.png")}
+    plots.plot_roc(paths["roc"], roc_curves)
+    if sample_grid is not None:
+        paths["samples"] = os.path.join(out_dir, "samples.png")
+        plots.plot_samples(paths["samples"], sample_grid["queries"], sample_grid["generated"],
+                           sample_grid["labels"], sample_grid["captions"])
+    _write_text_atomic(paths["md"], md)
+    _write_text_atomic(paths["json"], text)  # last: its presence means the report is complete
+    return paths

@@ -1,0 +1,170 @@
+"""Report writer: schema validation, atomic files, markdown numbers, PNG figures."""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+
+from t2i_mia.adversary import metrics as M
+from t2i_mia.errors import DataError
+from t2i_mia.report import plots
+from t2i_mia.report.writer import format_table, validate_report, write_report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _block(shift, seed, n=120, n_boot=50):
+    rng = np.random.default_rng(seed)
+    y = np.r_[np.ones(n), np.zeros(n)].astype(int)
+    s = rng.normal(size=2 * n) + shift * y
+    return M.evaluate(s, (s > shift / 2).astype(int), y, n_boot=n_boot, seed=0), (s, y)
+
+
+def _report():
+    attacks, curves = {}, {}
+    for i, (name, feats) in enumerate([("pixel", ["pixel.mse.min", "pixel.ssim.max"]),
+                                       ("semantic", ["semantic.cosine.max"]),
+                                       ("faithfulness", ["faithfulness.clip.mean"]),
+                                       ("combined", ["pixel.mse.min", "semantic.l2.min"])]):
+        mlp, (s, y) = _block(0.5 + i, seed=i)
+        attacks[name] = {"mlp": mlp,
+                         "threshold": {f: _block(0.3, seed=10 + j)[0] for j, f in enumerate(feats)}}
+        fpr, tpr, _ = M.roc_curve(s, y)
+        curves[name] = (fpr, tpr)
+    null, _ = _block(0.0, seed=20)
+    shuf, _ = _block(0.0, seed=21)
+    return {
+        "target": "ldm", "data": "synthetic", "n_eval": {"members": 120, "nonmembers": 120},
+        "k": 4, "caption_source": "ground_truth", "aux_mode": "shadow",
+        "seeds": {"root": 0, "bootstrap": 0}, "config": {"preset": "ci", "adversary": {"k": 4}},
+        "manifest_sha256": "ab" * 32, "timings_s": {"train_target": 12.5, "attack": np.float32(3.25)},
+        "attacks": attacks,
+        "controls": {"null_target": {"auc": null["auc"], "auc_ci": null["auc_ci"]},
+                     "shuffled_labels": shuf},
+    }, curves
+
+
+def _grid(m=3, k=2):
+    rng = np.random.default_rng(0)
+    return {"queries": rng.integers(0, 256, (m, 8, 8, 3), dtype=np.uint8),
+            "generated": rng.integers(0, 256, (m, k, 8, 8, 3), dtype=np.uint8),
+            "labels": np.array([1, 0, 1][:m]), "captions": ["a red square", "a blue circle " * 8,
+                                                             "two dots"][:m]}
+
+
+def test_write_report_files(tmp_path):
+    report, curves = _report()
+    paths = write_report(tmp_path / "out", report, curves, _grid())
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.md", "roc.png",
+                                                     "samples.png"]
+    assert paths["json"] == str(out / "report.json")
+    loaded = json.loads((out / "report.json").read_text())
+    validate_report(loaded)
+    assert loaded["schema_version"] == 1
+    assert loaded["timings_s"]["attack"] == 3.25  # numpy scalars became JSON numbers
+    assert loaded["attacks"]["pixel"]["mlp"]["tpr_at_fpr_1e-3"] is None  # JSON null
+    assert loaded["attacks"]["pixel"]["mlp"]["auc"] == report["attacks"]["pixel"]["mlp"]["auc"]
+    for name in ("roc.png", "samples.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 1000
+
+    md = (out / "report.md").read_text()
+    sem = report["attacks"]["semantic"]["mlp"]
+    assert f"{sem['auc']:.3f} [{sem['auc_ci'][0]:.3f}, {sem['auc_ci'][1]:.3f}]" in md
+    assert f"{sem['balanced_accuracy']:.3f}" in md
+    t = report["attacks"]["pixel"]["threshold"]["pixel.ssim.max"]
+    tpr_cell = f"{t['tpr_at_fpr_1e-2']:.3f} [{t['tpr_at_fpr_1e-2_ci'][0]:.3f}, " \
+               f"{t['tpr_at_fpr_1e-2_ci'][1]:.3f}]"
+    assert f"| pixel | `pixel.ssim.max` | {t['auc']:.3f} [" in md and tpr_cell in md
+    for text in ("ground_truth", "shadow", "120 members, 120 non-members", "root = 0",
+                 "null_target", "shuffled_labels", "train_target", "12.50", "3.25", "n/a"):
+        assert text in md, text
+
+    table = format_table(loaded)
+    assert f"| combined | {report['attacks']['combined']['mlp']['auc']:.3f} [" in table
+    assert "shuffled_labels" in table
+
+    # rewriting replaces the files and leaves no temporary files
+    write_report(out, report, curves, None)
+    assert not list(out.glob("*.tmp"))
+
+
+def test_invalid_report_writes_nothing(tmp_path):
+    report, curves = _report()
+    bad = copy.deepcopy(report)
+    bad["attacks"]["pixel"]["mlp"]["auc"] = float("nan")
+    with pytest.raises(DataError, match=r"attacks\.pixel\.mlp\.auc = nan"):
+        write_report(tmp_path, bad, curves, None)
+    assert list(tmp_path.iterdir()) == []
+
+    # an existing complete report survives a failed rewrite untouched
+    write_report(tmp_path, report, curves, None)
+    before = (tmp_path / "report.json").read_bytes()
+    bad_curves = {"pixel": (np.array([0.0, 0.5]), np.array([0.0]))}
+    with pytest.raises(DataError, match="curve 'pixel'"):
+        write_report(tmp_path, report, bad_curves, None)
+    bad = copy.deepcopy(report)
+    bad["timings_s"]["attack"] = np.inf
+    with pytest.raises(DataError, match=r"timings_s\.attack = inf"):
+        write_report(tmp_path, bad, curves, None)
+    assert (tmp_path / "report.json").read_bytes() == before
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_png_writer_failure_leaves_no_file(tmp_path, monkeypatch):
+    report, curves = _report()
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(plots.Figure, "savefig", broken)
+    with pytest.raises(OSError, match="disk full"):
+        write_report(tmp_path, report, curves, None)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda r: r.pop("manifest_sha256"), "missing key 'manifest_sha256'"),
+    (lambda r: r["n_eval"].pop("nonmembers"), "missing key 'n_eval.nonmembers'"),
+    (lambda r: r["attacks"]["semantic"]["mlp"].pop("tpr_at_fpr_1e-2_ci"),
+     "missing key 'attacks.semantic.mlp.tpr_at_fpr_1e-2_ci'"),
+    (lambda r: r["attacks"]["pixel"]["mlp"].update(auc_ci=[0.4]),
+     r"'attacks.pixel.mlp.auc_ci' must be \[lo, hi\]"),
+    (lambda r: r["attacks"]["pixel"]["mlp"].update(auc_ci=[0.9, 0.4]),
+     r"'attacks.pixel.mlp.auc_ci' must be \[lo, hi\]"),
+    (lambda r: r["attacks"]["pixel"]["mlp"].update(auc=None), "'attacks.pixel.mlp.auc' must be"),
+    (lambda r: r["attacks"]["pixel"]["mlp"].update(acc=0.5), "unknown key 'attacks.pixel.mlp.acc'"),
+    (lambda r: r["attacks"].update(texture=r["attacks"]["pixel"]), "unknown attack 'attacks.texture'"),
+    (lambda r: r["attacks"]["pixel"]["threshold"].update(
+        {"semantic.cosine.max": r["attacks"]["pixel"]["mlp"]}),
+     "'attacks.pixel.threshold.semantic.cosine.max': feature names"),
+    (lambda r: r["controls"].pop("null_target"), "missing key 'controls.null_target'"),
+    (lambda r: r["controls"]["shuffled_labels"].pop("auc_ci"),
+     "missing key 'controls.shuffled_labels.auc_ci'"),
+    (lambda r: r.update(k=0), "'k' must be a positive integer"),
+    (lambda r: r.update(seeds={"root": 1.5}), "'seeds.root' must be an integer"),
+    (lambda r: r.update(schema_version=2), "'schema_version' must be 1"),
+    (lambda r: r.update(manifest_sha256="xyz"), "'manifest_sha256' must be 64"),
+])
+def test_validate_report_names_the_key(mutate, message):
+    report, _ = _report()
+    report["schema_version"] = 1
+    validate_report(report)
+    mutate(report)
+    with pytest.raises(DataError, match=message):
+        validate_report(report)
+
+
+def test_plot_roc_handles_zero_rates(tmp_path):
+    path = tmp_path / "roc.png"
+    plots.plot_roc(path, {"perfect": ([0.0, 0.0, 1.0], [0.0, 1.0, 1.0]),
+                          "chance": ([0.0, 0.5, 1.0], [0.0, 0.5, 1.0])})
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    with pytest.raises(DataError, match="outside"):
+        plots.plot_roc(path, {"x": ([0.0, 2.0], [0.0, 1.0])})
+    with pytest.raises(DataError, match="uint8"):
+        g = _grid()
+        plots.plot_samples(path, g["queries"].astype(np.float32), g["generated"], g["labels"],
+                           g["captions"])
