@@ -55,6 +55,9 @@ def _grid(m=3, k=2):
 
 def test_write_report_files(tmp_path):
     report, curves = _report()
+    wb = _block(2.0, seed=30)[0]
+    report["white_box_reference"] = {"note": "uses the target's loss: outside the threat model",
+                                     "threshold": wb}
     paths = write_report(tmp_path / "out", report, curves, _grid())
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.md", "roc.png",
@@ -81,6 +84,10 @@ def test_write_report_files(tmp_path):
     for text in ("ground_truth", "shadow", "120 members, 120 non-members", "root = 0",
                  "null_target", "shuffled_labels", "train_target", "12.50", "3.25", "n/a"):
         assert text in md, text
+
+    # an extra top-level block with metrics is rendered, with its note
+    assert f"| white_box_reference (threshold) | {wb['auc']:.3f} [" in md
+    assert "outside the threat model" in md
 
     table = format_table(loaded)
     assert f"| combined | {report['attacks']['combined']['mlp']['auc']:.3f} [" in table

@@ -32,6 +32,8 @@ ATTACK_NAMES = ("pixel", "semantic", "faithfulness", "combined")
 CONTROL_NAMES = ("null_target", "shuffled_labels")
 _FAMILIES = ("pixel", "semantic", "faithfulness")
 _FEATURE_RE = re.compile(r"^(pixel|semantic|faithfulness)\.[A-Za-z0-9_]+\.[A-Za-z0-9_]+$")
+_KNOWN_KEYS = {"schema_version", "target", "data", "n_eval", "k", "caption_source", "aux_mode",
+               "seeds", "config", "manifest_sha256", "timings_s", "attacks", "controls"}
 _NULLABLE = {"tpr_at_fpr_1e-2", "tpr_at_fpr_1e-3"}  # unmeasurable below 1/n_nonmembers
 
 
@@ -260,6 +262,19 @@ def format_markdown(report: Mapping) -> str:
                 for a in _attack_order(report["attacks"])]
     timings = _table(["phase", "seconds"],
                      [[p, f"{float(s):.2f}"] for p, s in report["timings_s"].items()])
+    extra_rows, notes = [], []
+    for key in sorted(report):  # e.g. a white-box reference block (outside the threat model)
+        block = report[key]
+        if key in _KNOWN_KEYS or not isinstance(block, Mapping):
+            continue
+        for kind in ("mlp", "threshold"):
+            m = block.get(kind)
+            if isinstance(m, Mapping) and all(k in m for k in METRIC_KEYS):
+                extra_rows.append([f"{key} ({kind})"] + _metric_cells(m))
+                if isinstance(block.get("note"), str):
+                    notes.append(f"{key}: {block['note']}")
+    extra = [] if not extra_rows else [
+        "## Other results", "", _table(["result"] + _HEADER, extra_rows), "", *notes, ""]
     any_mlp = next(iter(report["attacks"].values()))["mlp"]
     floor = any_mlp["min_resolvable_fpr"]
     return "\n".join([
@@ -272,6 +287,7 @@ def format_markdown(report: Mapping) -> str:
         f"CIs: 95% stratified bootstrap. n/a: not measurable; a TPR at an FPR below "
         f"1/n_nonmembers = {_num(floor, 5)} cannot be resolved on this evaluation set. "
         "Thresholds and attack models were fitted on attack-training data only.", "",
+        *extra,
         "## Controls", "",
         _controls_table(report), "",
         "A control whose CI excludes 0.5 needs investigation (a label leak is the first "
