@@ -68,7 +68,11 @@ def main(argv=None) -> int:
         loss = jnp.mean((pred - batch["y"]) ** 2)
         return loss, {"pred_mean": jnp.mean(pred)}
 
-    params = model.init(jax.random.PRNGKey(1), x_all[:BATCH], jax.random.PRNGKey(2))["params"]
+    # numpy init: the same values as any linen init would do, without compiling one
+    params = {"Dense_0": {"kernel": data_rng.standard_normal((DIM, 16)).astype(np.float32) / 3,
+                          "bias": np.zeros(16, np.float32)},
+              "Dense_1": {"kernel": data_rng.standard_normal((16, 2)).astype(np.float32) / 4,
+                          "bias": np.zeros(2, np.float32)}}
     tx = optax.adamw(1e-2, weight_decay=1e-3)
     mesh = make_mesh(model=2) if len(jax.devices()) == 8 else make_mesh(devices=jax.devices()[:1])
     state = create_train_state(params, tx, rng=7, ema=True)
