@@ -200,6 +200,28 @@ def test_half_written_step_is_ignored(tmp_path):
         (tmp_path / "3" / "state" / "commit_success.txt").exists()
 
 
+def test_save_is_atomic(tmp_path, monkeypatch):
+    """A save that dies after writing every array but before orbax's final rename leaves only
+    a '*.orbax-checkpoint-tmp-*' folder: the previous step stays the latest and restores."""
+    from orbax.checkpoint._src.path import async_path
+
+    st = _tiny_state()
+    save_checkpoint(tmp_path, 1, st, {"n": 1})
+
+    async def crash(*args, **kwargs):
+        raise OSError("simulated crash before the rename")
+
+    monkeypatch.setattr(async_path, "rename", crash)
+    with pytest.raises(CheckpointError, match="saving step 2 failed"):
+        save_checkpoint(tmp_path, 2, st.replace(step=jnp.int32(2)), {"n": 2})
+    monkeypatch.undo()
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert "2" not in names and any(n.startswith("2.orbax-checkpoint-tmp") for n in names)
+    assert latest_step(tmp_path) == 1
+    got, extra = restore_checkpoint(tmp_path, st)
+    assert extra == {"n": 1} and int(got.step) == 0
+
+
 def test_run_training_resumes_and_skips_finished(tmp_path):
     """In-process: a run of 3 steps then a call for 5 resumes at 3 (ignoring the fresh state
     it is given); a call for 5 again does nothing."""

@@ -132,7 +132,7 @@ def _run(mesh, rules, steps=3):
         pred = model.apply({"params": params}, batch["x"], rng)
         return jnp.mean((pred - batch["y"]) ** 2), {}
 
-    params = model.init(jax.random.PRNGKey(0), xs[0], jax.random.PRNGKey(1))["params"]
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), xs[0], jax.random.PRNGKey(1))["params"]
     tx = optax.adam(1e-2)
     init = jax.device_get(params)
     state = create_train_state(params, tx, rng=5, ema=True)

@@ -250,9 +250,12 @@ def run_training(*, state: TrainState, train_step: Callable, batch_fn: Callable[
 
     def save() -> None:
         nonlocal last_saved
-        if ckpt_dir and last_saved != step:
-            save_checkpoint(ckpt_dir, step, state, {"desc": desc, "data_position": step})
-            last_saved = step
+        if not ckpt_dir:
+            return
+        done = int(jax.device_get(state.step))  # the state's own count is the truth
+        if last_saved != done:
+            save_checkpoint(ckpt_dir, done, state, {"desc": desc, "data_position": done})
+            last_saved = done
 
     history: list[dict] = []
     pending: list[tuple[int, dict]] = []
