@@ -1,0 +1,387 @@
+"""The audit, end to end: data -> splits -> targets -> adversary -> report.
+
+Phases (each timed in ``report.timings_s``):
+
+1. ``data``: the data set and the split manifest (disjoint by content hash).
+2. ``autoencoder`` / ``target`` / ``shadow`` (or ``null_model``): load or train (cached).
+3. ``encoder``: the adversary's CLIP (loaded, or trained on ``auxiliary``).
+4. ``captions``: ground truth, or the retrieval captioner over ``auxiliary`` captions.
+5. ``generate``: k images per query through the target protocol only (black box).
+6. ``features``: pixel / semantic / faithfulness features, jitted, on device.
+7. ``attack``: thresholds and MLPs fitted on attack-training data only, applied once to the
+   evaluation set (target_members vs target_nonmembers).
+8. ``controls``: ``null_target`` (a model of the same kind trained on disjoint data; in shadow
+   mode the shadow model, whose members are disjoint from the evaluated ones) and
+   ``shuffled_labels``.
+9. ``white_box``: the denoising-loss threshold, a labelled upper-bound reference outside the
+   black-box threat model.
+10. ``report``: report.json, report.md, roc.png, samples.png, manifest.json.
+
+Attack-training data (``adversary.aux_mode``): ``shadow`` (default: a shadow model of the same
+kind trained on ``shadow_members``, queried on shadow_members vs shadow_nonmembers: the
+adversary needs no knowledge of the target's training set) or ``partial`` (the target's
+known members/non-members, queried on the target itself).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import t2i_mia
+from t2i_mia.adversary import features as F
+from t2i_mia.adversary import metrics as M
+from t2i_mia.adversary.classifiers import MLPAttack, ThresholdAttack
+from t2i_mia.cli import RunPaths
+from t2i_mia.config import Config
+from t2i_mia.errors import ConfigError, DataError
+from t2i_mia.parallel.mesh import make_mesh
+from t2i_mia.targets.factory import ModelCache
+
+log = logging.getLogger(__name__)
+
+ATTACKS = ("pixel", "semantic", "faithfulness", "combined")
+N_SHUFFLES = 5  # shuffled-label MLPs averaged in the shuffled_labels control
+
+
+@dataclasses.dataclass
+class QuerySet:
+    """Queries with membership labels: uint8 images, ground-truth captions, stable ids."""
+    name: str
+    ids: np.ndarray  # int64[N]
+    images: np.ndarray  # uint8[N,H,W,3]
+    captions: list[str]
+    labels: np.ndarray  # int32[N], 1 = member
+
+    @staticmethod
+    def of(name: str, dataset, member_ids, nonmember_ids) -> "QuerySet":
+        ids = np.concatenate([np.asarray(member_ids, np.int64),
+                              np.asarray(nonmember_ids, np.int64)])
+        images, captions = dataset.get_many([int(i) for i in ids])
+        labels = np.concatenate([np.ones(len(member_ids), np.int32),
+                                 np.zeros(len(nonmember_ids), np.int32)])
+        return QuerySet(name, ids, images, captions, labels)
+
+
+class Timer:
+    def __init__(self):
+        self.timings: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        log.info("phase %s ...", name)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            dt = time.perf_counter() - t0
+            self.timings[name] = self.timings.get(name, 0.0) + dt
+            log.info("phase %s done in %.1f s", name, dt)
+
+
+# ----------------------------------------------------------------------------- data
+
+def build_dataset(cfg: Config, n_needed: int):
+    """The configured data source as a Dataset."""
+    src = cfg.data.source
+    if src == "synthetic":
+        from t2i_mia.data.synthetic import SyntheticCaptions
+        # A little slack: exact-duplicate scenes (rare) are dropped before split assignment.
+        return SyntheticCaptions(seed=cfg.seed, size=cfg.data.image_size,
+                                 n=int(n_needed * 1.02) + 16)
+    if src == "folder":
+        from t2i_mia.data.folder import open_folder
+        return open_folder(cfg.data.data_dir, cfg.data.image_size)
+    raise ConfigError(f"config key 'data.source': '{src}' (MS-COCO / CC3M readers) is not "
+                      "built in this version; use synthetic or folder")
+
+
+def build_splits(cfg: Config, dataset):
+    from t2i_mia.data.splits import SplitSizes, make_splits
+    sizes = SplitSizes(**dataclasses.asdict(cfg.data.splits))
+    manifest = make_splits(dataset, sizes, seed=cfg.seed)
+    manifest.check_disjoint()
+    return manifest
+
+
+# ----------------------------------------------------------------------------- features
+
+def attack_features(encoder, query: QuerySet, gen: jax.Array,
+                    captions: list[str]) -> dict[str, np.ndarray]:
+    """All features of one query set; ``gen`` uint8[N,k,H,W,3] (on device)."""
+    n, k = gen.shape[:2]
+    q = jnp.asarray(query.images)
+    feats = dict(F.pixel_features(F.to_unit_float(q), F.to_unit_float(gen)))
+    q_emb = encoder.embed_images(q)
+    g_emb = encoder.embed_images(gen.reshape((n * k,) + gen.shape[2:])).reshape(n, k, -1)
+    t_emb = encoder.embed_texts(captions)
+    feats.update(F.semantic_features(q_emb, g_emb))
+    feats.update(F.faithfulness_features(t_emb, g_emb))
+    return {name: np.asarray(v) for name, v in feats.items()}
+
+
+def _fit_attacks(cfg: Config, train_f: dict, train_y: np.ndarray, seed: int):
+    """MLP per attack + threshold per scalar feature, fitted on attack-training data only."""
+    m = cfg.adversary.mlp
+    mlps, thresholds = {}, {}
+    for attack in ATTACKS:
+        x = F.feature_matrix(train_f, attack)
+        mlps[attack] = MLPAttack(hidden=tuple(m.hidden), lr=m.learning_rate,
+                                 weight_decay=m.weight_decay, batch_size=m.batch_size,
+                                 max_epochs=m.max_epochs, patience=m.patience,
+                                 val_fraction=m.val_fraction, seed=seed).fit(x, train_y)
+    for name in F.scalar_feature_names(train_f):
+        thresholds[name] = ThresholdAttack().fit(train_f[name], train_y)
+    return mlps, thresholds
+
+
+def _mlp(cfg: Config, seed: int) -> MLPAttack:
+    m = cfg.adversary.mlp
+    return MLPAttack(hidden=tuple(m.hidden), lr=m.learning_rate, weight_decay=m.weight_decay,
+                     batch_size=m.batch_size, max_epochs=m.max_epochs, patience=m.patience,
+                     val_fraction=m.val_fraction, seed=seed)
+
+
+# ----------------------------------------------------------------------------- models
+
+@dataclasses.dataclass
+class Models:
+    target: Any
+    attack_source: Any  # the model queried for attack-training data (shadow or target)
+    null: Any  # the null_target control
+    white_box: Any | None  # model queried for white-box training losses (or None)
+
+
+def _build_ldm_models(cfg: Config, paths: RunPaths, dataset, manifest, cache: ModelCache,
+                      mesh, timer: Timer) -> Models:
+    from t2i_mia.models.ldm import load_stable_diffusion
+    from t2i_mia.targets import factory
+    from t2i_mia.targets.ldm import LDMTarget
+
+    def split(name):
+        ids = manifest.ids(name)
+        images, captions = dataset.get_many(ids)
+        return images, captions, factory.ids_hash(manifest.hashes(name))
+
+    pre_images, pre_captions, pre_hash = split("pretrain")
+    with timer.phase("autoencoder"):
+        vae = factory.train_or_load_autoencoder(cfg, pre_images, pre_hash, cache, mesh)
+        tok = factory.train_or_load_tokenizer(cfg, pre_captions, pre_hash, cache)
+    sample = cfg.ldm.sample
+    with timer.phase("target"):
+        if paths.target_dir:
+            comps = load_stable_diffusion(paths.target_dir)
+            if comps.vae_cfg.sample_size != cfg.data.image_size:
+                raise ConfigError(
+                    f"{paths.target_dir}: the model makes {comps.vae_cfg.sample_size}px images "
+                    f"but data.image_size is {cfg.data.image_size}")
+        else:
+            # Known members (partial-knowledge mode) are members too: the target trains on them.
+            ids = manifest.target_training_ids()
+            im, cap = dataset.get_many(ids)
+            h = factory.ids_hash(manifest.hashes("target_members")
+                                 + manifest.hashes("target_known_members"))
+            comps = factory.train_or_load_ldm(cfg, "target", im, cap, h, vae, tok, cache, mesh)
+        target = LDMTarget(comps, sample, seed=cfg.seed, mesh=mesh, name="target")
+    # One model trained on shadow_members: the shadow (shadow mode) and in every mode the
+    # null target (its training data is disjoint from the evaluated members).
+    with timer.phase("shadow" if cfg.adversary.aux_mode == "shadow" else "null_model"):
+        im, cap, h = split("shadow_members")
+        s_comps = factory.train_or_load_ldm(cfg, "shadow", im, cap, h, vae, tok, cache, mesh)
+        shadow = LDMTarget(s_comps, sample, seed=cfg.seed + 1, mesh=mesh, name="shadow")
+    if cfg.adversary.aux_mode == "shadow":
+        return Models(target=target, attack_source=shadow, null=shadow, white_box=shadow)
+    return Models(target=target, attack_source=target, null=shadow, white_box=target)
+
+
+def _build_generations_models(cfg, paths, dataset, manifest, cache, mesh, timer) -> Models:
+    from t2i_mia.targets.generations import GenerationsTarget
+    target = GenerationsTarget(paths.target_dir, cfg.data.image_size)
+    m = _build_ldm_models(cfg, dataclasses.replace(paths, target_dir=None), dataset, manifest,
+                          cache, mesh, timer)
+    # The shadow LDM is the adversary's own model; the audited images come from the folder.
+    src = m.attack_source if cfg.adversary.aux_mode == "shadow" else target
+    return Models(target=target, attack_source=src, null=m.null, white_box=None)
+
+
+# ----------------------------------------------------------------------------- the audit
+
+def run_audit(cfg: Config, paths: RunPaths, progress: bool = True) -> dict:
+    """Runs the whole audit and writes the report files; returns the report dict."""
+    from t2i_mia.models.formats import write_json
+    from t2i_mia.report.writer import format_table, write_report
+
+    timer = Timer()
+    t_start = time.perf_counter()
+    a = cfg.adversary
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.model)
+    cache = ModelCache(paths.work_dir)
+    os.makedirs(paths.work_dir, exist_ok=True)
+
+    with timer.phase("data"):
+        s = cfg.data.splits
+        n_needed = sum(dataclasses.asdict(s).values())
+        dataset = build_dataset(cfg, n_needed)
+        manifest = build_splits(cfg, dataset)
+        manifest_sha = manifest.sha256()
+        evalset = QuerySet.of("eval", dataset, manifest.ids("target_members"),
+                              manifest.ids("target_nonmembers"))
+        if a.aux_mode == "shadow":
+            trainset = QuerySet.of("attack_train", dataset, manifest.ids("shadow_members"),
+                                   manifest.ids("shadow_nonmembers"))
+        else:
+            trainset = QuerySet.of("attack_train", dataset, manifest.ids("target_known_members"),
+                                   manifest.ids("target_known_nonmembers"))
+        for qs in (evalset, trainset):
+            n_pos = int(qs.labels.sum())
+            if n_pos < M.MIN_PER_CLASS or len(qs.labels) - n_pos < M.MIN_PER_CLASS:
+                raise DataError(f"{qs.name} set: {n_pos} members and {len(qs.labels) - n_pos} "
+                                f"non-members; need at least {M.MIN_PER_CLASS} of each "
+                                "(data.splits)")
+
+    if cfg.target == "ldm":
+        models = _build_ldm_models(cfg, paths, dataset, manifest, cache, mesh, timer)
+    elif cfg.target == "generations":
+        models = _build_generations_models(cfg, paths, dataset, manifest, cache, mesh, timer)
+    else:
+        raise ConfigError("--target dalle-mini: the DALL-E mini audit is not built in this "
+                          "version (its models load and generate: t2i_mia.models.dallebart)")
+
+    with timer.phase("encoder"):
+        from t2i_mia.adversary.encoder import load_encoder, train_or_load_encoder
+        from t2i_mia.targets.factory import ids_hash
+        if a.encoder.dir:
+            encoder = load_encoder(a.encoder.dir, mesh)
+        else:
+            aux_images, aux_captions = dataset.get_many(manifest.ids("auxiliary"))
+            encoder = train_or_load_encoder(a.encoder, aux_images, aux_captions,
+                                            ids_hash(manifest.hashes("auxiliary")), cfg.seed,
+                                            cache, mesh)
+
+    with timer.phase("captions"):
+        if a.caption_source == "ground_truth":
+            eval_caps, train_caps = evalset.captions, trainset.captions
+        else:
+            from t2i_mia.adversary.captioner import RetrievalCaptioner
+            pool = dataset.captions(manifest.ids("auxiliary"))
+            captioner = RetrievalCaptioner(encoder, pool,
+                                           exclude=evalset.captions + trainset.captions)
+            eval_caps = captioner.caption(evalset.images)
+            train_caps = captioner.caption(trainset.images)
+
+    k = a.k
+    with timer.phase("generate"):
+        gen_train = models.attack_source.generate(train_caps, trainset.ids.tolist(), k)
+        gen_eval = models.target.generate(eval_caps, evalset.ids.tolist(), k)
+        gen_null = models.null.generate(eval_caps, evalset.ids.tolist(), k)
+        expect = (k, cfg.data.image_size, cfg.data.image_size, 3)
+        for nm, g, qs in (("attack-training", gen_train, trainset), ("evaluation", gen_eval,
+                                                                   evalset),
+                          ("null", gen_null, evalset)):
+            if tuple(g.shape) != (len(qs.ids),) + expect:
+                raise DataError(f"{nm} generations: shape {tuple(g.shape)}, expected "
+                                f"{(len(qs.ids),) + expect}")
+
+    with timer.phase("features"):
+        f_train = attack_features(encoder, trainset, gen_train, train_caps)
+        f_eval = attack_features(encoder, evalset, gen_eval, eval_caps)
+        f_null = attack_features(encoder, evalset, gen_null, eval_caps)
+
+    seed = cfg.seed
+    with timer.phase("attack"):
+        mlps, thresholds = _fit_attacks(cfg, f_train, trainset.labels, seed)
+        y = evalset.labels
+        attacks_report, roc_curves = {}, {}
+        for attack in ATTACKS:
+            clf = mlps[attack]
+            x = F.feature_matrix(f_eval, attack)
+            scores = clf.score(x)
+            block = {"mlp": M.evaluate(scores, clf.predict(x), y, a.n_bootstrap, seed),
+                     "threshold": {}}
+            fpr, tpr, _ = M.roc_curve(scores, y)
+            roc_curves[f"{attack} (MLP)"] = (fpr, tpr)
+            for name in F.scalar_feature_names(f_eval, None if attack == "combined" else attack):
+                th = thresholds[name]
+                block["threshold"][name] = M.evaluate(th.score(f_eval[name]),
+                                                      th.predict(f_eval[name]), y,
+                                                      a.n_bootstrap, seed)
+            attacks_report[attack] = block
+
+    with timer.phase("controls"):
+        clf = mlps["combined"]
+        x_null = F.feature_matrix(f_null, "combined")
+        null_scores = clf.score(x_null)
+        # An MLP fitted to shuffled labels is a random function of informative features, so
+        # one shuffle's AUC scatters far from 0.5 even without any leak; the control averages
+        # the standardised scores of N_SHUFFLES independent shuffles (each its own seed).
+        x_tr = F.feature_matrix(f_train, "combined")
+        x_ev = F.feature_matrix(f_eval, "combined")
+        shuf_scores = np.zeros(len(y))
+        for r in range(N_SHUFFLES):
+            rng = np.random.Generator(np.random.PCG64([seed, 7, r]))
+            sc = _mlp(cfg, seed + r).fit(x_tr, rng.permutation(trainset.labels)).score(x_ev)
+            shuf_scores += (sc - sc.mean()) / max(float(sc.std()), 1e-12)
+
+        def auc_block(sc):
+            ci = M.bootstrap_ci(M.roc_auc, sc, y, a.n_bootstrap, seed)
+            return {"auc": M.roc_auc(sc, y), "auc_ci": list(ci) if ci is not None else None}
+
+        controls = {"null_target": auc_block(null_scores),
+                    "shuffled_labels": auc_block(shuf_scores)}
+
+    white_box = None
+    if a.white_box and models.white_box is not None and hasattr(models.target,
+                                                                 "white_box_loss"):
+        with timer.phase("white_box"):
+            l_train = models.white_box.white_box_loss(trainset.images, trainset.captions,
+                                                      trainset.ids.tolist())
+            l_eval = models.target.white_box_loss(evalset.images, evalset.captions,
+                                                  evalset.ids.tolist())
+            th = ThresholdAttack().fit(-l_train, trainset.labels)
+            white_box = {
+                "note": "outside the black-box threat model: uses the target's own denoising "
+                        "loss on the query (white-box access); an upper-bound reference only",
+                "feature": "white_box.denoising_loss (negated: higher = member)",
+                "threshold": M.evaluate(th.score(-l_eval), th.predict(-l_eval), y,
+                                        a.n_bootstrap, seed),
+            }
+
+    timer.timings["total"] = time.perf_counter() - t_start
+    report = {
+        "schema_version": 1,
+        "tool": {"name": "t2i-mia", "version": t2i_mia.__version__},
+        "target": cfg.target if not paths.target_dir else f"{cfg.target}:{paths.target_dir}",
+        "data": cfg.data.source,
+        "n_eval": {"members": int(y.sum()), "nonmembers": int(len(y) - y.sum())},
+        "n_attack_train": {"members": int(trainset.labels.sum()),
+                           "nonmembers": int(len(trainset.labels) - trainset.labels.sum())},
+        "k": k,
+        "caption_source": a.caption_source,
+        "aux_mode": a.aux_mode,
+        "seeds": {"root": cfg.seed, "splits": cfg.seed, "generation_target": cfg.seed,
+                  "generation_shadow": cfg.seed + 1, "attack": seed},
+        "config": cfg.to_dict(),
+        "manifest_sha256": manifest_sha,
+        "timings_s": {p: round(t, 3) for p, t in timer.timings.items()},
+        "attacks": attacks_report,
+        "controls": controls,
+    }
+    if white_box is not None:
+        report["white_box_reference"] = white_box
+    n_show = min(4, len(y) // 2)
+    pick = np.concatenate([np.arange(n_show), len(y) - 1 - np.arange(n_show)])
+    sample_grid = {"queries": evalset.images[pick], "generated": np.asarray(gen_eval)[pick],
+                   "labels": y[pick], "captions": [eval_caps[i] for i in pick]}
+    os.makedirs(paths.out, exist_ok=True)
+    manifest.save(os.path.join(paths.out, "manifest.json"))
+    write_report(paths.out, report, roc_curves, sample_grid)
+    print(format_table(report))
+    return report

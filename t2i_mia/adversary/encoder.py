@@ -1,0 +1,123 @@
+"""The adversary's CLIP two-tower encoder: image and caption embeddings, jitted, on device.
+
+From a local Hugging Face Flax CLIP checkpoint (``adversary.encoder.dir``), or trained
+contrastively on the ``auxiliary`` split (the default: the adversary's own data, disjoint
+from every target and shadow split).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from t2i_mia.errors import CheckpointError
+from t2i_mia.models.clip import CLIP_MEAN, CLIP_STD, CLIPConfig, CLIPModel, load_clip, save_clip
+from t2i_mia.models.tokenizer import TextTokenizer
+from t2i_mia.parallel.mesh import batch_sharding, replicated
+
+log = logging.getLogger(__name__)
+PyTree = Any
+
+
+def device_preprocess(images: jax.Array, size: int) -> jax.Array:
+    """uint8[B,H,W,3] -> f32[B,size,size,3] CLIP-normalised, on device (jittable).
+
+    Square inputs of another size are resized bicubically (jax.image.resize); this is the
+    on-device twin of :func:`t2i_mia.models.clip.preprocess_images` for square images.
+    """
+    x = images.astype(jnp.float32) / 255.0
+    if x.shape[1:3] != (size, size):
+        x = jax.image.resize(x, (x.shape[0], size, size, 3), method="bicubic")
+    return (x - jnp.asarray(CLIP_MEAN, jnp.float32)) / jnp.asarray(CLIP_STD, jnp.float32)
+
+
+class Encoder:
+    """``embed_images(uint8[N,H,W,3]) -> f32[N,P]`` and ``embed_texts(list[str]) ->
+    f32[N,P]``, both L2-normalised, computed in fixed-size jitted batches over the mesh."""
+
+    def __init__(self, cfg: CLIPConfig, params: PyTree, tokenizer: TextTokenizer, mesh: Mesh,
+                 batch_size: int = 256):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.mesh = mesh
+        n = mesh.shape["data"]
+        self.batch_size = max(n, batch_size // n * n)
+        if isinstance(params, dict) and set(params) == {"params"}:
+            params = params["params"]  # accept variables as well as the bare tree
+        self.params = jax.device_put(params, replicated(mesh))
+        model = CLIPModel(cfg)
+        size = cfg.vision_config.image_size
+
+        def img(p, x):
+            e = model.apply({"params": p}, device_preprocess(x, size),
+                            method=CLIPModel.get_image_features)
+            return e / jnp.linalg.norm(e, axis=-1, keepdims=True).clip(1e-12)
+
+        def txt(p, ids, mask):
+            e = model.apply({"params": p}, ids, mask, method=CLIPModel.get_text_features)
+            return e / jnp.linalg.norm(e, axis=-1, keepdims=True).clip(1e-12)
+
+        self._img = jax.jit(img, out_shardings=batch_sharding(mesh, 2))
+        self._txt = jax.jit(txt, out_shardings=batch_sharding(mesh, 2))
+
+    def _batched(self, fn, *arrays):
+        bs = self.batch_size
+        n = arrays[0].shape[0]
+        outs = []
+        for i in range(0, n, bs):
+            chunk = [a[i: i + bs] for a in arrays]
+            m = chunk[0].shape[0]
+            if m < bs:
+                chunk = [jnp.concatenate([c, jnp.repeat(c[-1:], bs - m, 0)]) for c in chunk]
+            chunk = [jax.device_put(c, batch_sharding(self.mesh, c.ndim)) for c in chunk]
+            outs.append(fn(self.params, *chunk)[:m])
+        return jnp.concatenate(outs)
+
+    def embed_images(self, images) -> jax.Array:
+        """uint8[N,H,W,3] (numpy or on device) -> f32[N,P] on device."""
+        return self._batched(self._img, jnp.asarray(images))
+
+    def embed_texts(self, captions: Sequence[str]) -> jax.Array:
+        ids, mask = self.tokenizer.encode(list(captions))
+        return self._batched(self._txt, jnp.asarray(ids), jnp.asarray(mask))
+
+
+def load_encoder(folder: str, mesh: Mesh) -> Encoder:
+    """A local HF Flax CLIP checkpoint: config.json + flax_model.msgpack + tokenizer files
+    (tokenizer.json, or vocab.json + merges.txt)."""
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"{folder}: encoder folder not found (expected a Hugging Face "
+                              "Flax CLIP checkpoint: config.json, flax_model.msgpack, tokenizer)")
+    cfg, params = load_clip(folder)
+    tok = TextTokenizer.from_folder(folder)
+    return Encoder(cfg, params, tok, mesh)
+
+
+def train_or_load_encoder(enc_cfg, images: np.ndarray, captions: list[str], aux_hash: str,
+                          seed: int, cache, mesh: Mesh) -> Encoder:
+    """CLIP trained contrastively on the auxiliary split (cached like every model)."""
+    from t2i_mia.targets.factory import cache_key
+    from t2i_mia.training.clip_train import train_clip
+    import dataclasses
+    key = cache_key("clip", dataclasses.asdict(enc_cfg), aux_hash, seed)
+    folder = cache.model_dir("encoder", key)
+    if cache.done("encoder", key):
+        log.info("encoder: cached %s", folder)
+        return load_encoder(folder, mesh)
+    cfg = CLIPConfig.from_dict(enc_cfg.clip, "config 'adversary.encoder.clip'")
+    tok = TextTokenizer.train(captions, vocab_size=enc_cfg.vocab_size,
+                              max_length=enc_cfg.max_text_length)
+    t = enc_cfg.train
+    params = train_clip(images, captions, tok, cfg, steps=t.steps, batch_size=t.batch_size,
+                        lr=t.learning_rate, seed=seed)
+    os.makedirs(folder, exist_ok=True)
+    save_clip(folder, cfg, params)
+    tok.save(folder)
+    cache.mark_done("encoder", key, {"trained_on": "auxiliary", "n": int(len(images))})
+    return Encoder(cfg, params, tok, mesh)

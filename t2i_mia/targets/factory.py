@@ -1,0 +1,133 @@
+"""Builds targets from a config: load a checkpoint, or train (and cache) one here.
+
+A trained model is reused from ``--work-dir`` only when its cache key matches: the hash of
+the resolved training config + the split-manifest hash of its training split + seed +
+package version (conventions: Caching). Trained LDMs are saved as Stable Diffusion Flax
+folders, so ``--target-dir`` loads them like any public checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from typing import Any
+
+import numpy as np
+from jax.sharding import Mesh
+
+import t2i_mia
+from t2i_mia.config import Config
+from t2i_mia.models import formats
+
+log = logging.getLogger(__name__)
+
+
+def cache_key(*parts: Any) -> str:
+    """SHA-256 (first 16 hex digits) of the canonical JSON of ``parts`` + package version."""
+    blob = json.dumps([t2i_mia.__version__, *parts], sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def ids_hash(hashes: list[str]) -> str:
+    """Hash of a split's content hashes (order-independent)."""
+    return hashlib.sha256("\n".join(sorted(hashes)).encode()).hexdigest()
+
+
+class ModelCache:
+    """``<work_dir>/models/<name>-<key>/`` holds a finished model and ``cache.json``;
+    ``<work_dir>/ckpt/<name>-<key>/`` holds its training checkpoints (resume)."""
+
+    def __init__(self, work_dir: str):
+        self.work_dir = work_dir
+
+    def model_dir(self, name: str, key: str) -> str:
+        return os.path.join(self.work_dir, "models", f"{name}-{key}")
+
+    def ckpt_dir(self, name: str, key: str) -> str:
+        return os.path.join(self.work_dir, "ckpt", f"{name}-{key}")
+
+    def done(self, name: str, key: str) -> bool:
+        return os.path.isfile(os.path.join(self.model_dir(name, key), "cache.json"))
+
+    def mark_done(self, name: str, key: str, info: dict) -> None:
+        formats.write_json(os.path.join(self.model_dir(name, key), "cache.json"),
+                           {"key": key, "version": t2i_mia.__version__, **info})
+
+
+def train_or_load_autoencoder(cfg: Config, pretrain_images: np.ndarray, pretrain_hash: str,
+                              cache: ModelCache, mesh: Mesh):
+    """The autoencoder shared by target and shadow, trained on ``pretrain``."""
+    from t2i_mia.models import autoencoder_kl
+    from t2i_mia.training.ldm_train import train_autoencoder
+    vae_cfg = autoencoder_kl.AutoencoderKLConfig.from_dict(cfg.ldm.vae, "config 'ldm.vae'")
+    key = cache_key("vae", cfg.ldm.vae, cfg.ldm.vae_train.__dict__, cfg.ldm.vae_kl_weight,
+                    pretrain_hash, cfg.seed)
+    folder = cache.model_dir("vae", key)
+    if cache.done("vae", key):
+        log.info("autoencoder: cached %s", folder)
+        return autoencoder_kl.load_vae(folder)
+    vae_cfg, params = train_autoencoder(
+        vae_cfg, pretrain_images, cfg.ldm.vae_train, kl_weight=cfg.ldm.vae_kl_weight,
+        seed=cfg.seed, mesh=mesh, ckpt_dir=cache.ckpt_dir("vae", key))
+    autoencoder_kl.save_vae(folder, vae_cfg, params)
+    cache.mark_done("vae", key, {"trained_on": "pretrain", "n": int(len(pretrain_images))})
+    return vae_cfg, params
+
+
+def train_or_load_tokenizer(cfg: Config, captions: list[str], captions_hash: str,
+                            cache: ModelCache):
+    """The LDM's caption tokenizer: a BPE trained on the ``pretrain`` captions (shared by
+    target and shadow: it is part of the public, non-member-specific pipeline)."""
+    from t2i_mia.models.tokenizer import TextTokenizer
+    key = cache_key("tokenizer", cfg.ldm.vocab_size, cfg.ldm.max_text_length, captions_hash)
+    folder = cache.model_dir("tokenizer", key)
+    if cache.done("tokenizer", key):
+        return TextTokenizer.from_folder(folder)
+    tok = TextTokenizer.train(captions, vocab_size=cfg.ldm.vocab_size,
+                              max_length=cfg.ldm.max_text_length)
+    os.makedirs(folder, exist_ok=True)
+    tok.save(folder)
+    cache.mark_done("tokenizer", key, {"trained_on": "pretrain captions"})
+    return tok
+
+
+def train_or_load_ldm(cfg: Config, name: str, images: np.ndarray, captions: list[str],
+                      members_hash: str, vae: tuple, tokenizer, cache: ModelCache, mesh: Mesh):
+    """An LDM (U-Net + text encoder) trained on ``images``/``captions`` (a model's members);
+    returns :class:`LDMComponents`. Cached as a Stable Diffusion folder."""
+    import dataclasses
+
+    from t2i_mia.models import schedulers, unet as unet_lib
+    from t2i_mia.models.clip import CLIPTextConfig
+    from t2i_mia.models.ldm import LDMComponents, load_stable_diffusion, save_stable_diffusion
+    from t2i_mia.training.ldm_train import encode_latents, train_ldm
+
+    vae_cfg, vae_params = vae
+    train_section = {k: v for k, v in dataclasses.asdict(cfg.ldm).items()
+                     if k not in ("vae", "vae_train", "vae_kl_weight", "sample")}
+    key = cache_key("ldm", train_section, vae_cfg.to_dict(), members_hash, cfg.seed,
+                    cfg.data.image_size)
+    folder = cache.model_dir(f"ldm-{name}", key)
+    if cache.done(f"ldm-{name}", key):
+        log.info("ldm %s: cached %s", name, folder)
+        return load_stable_diffusion(folder)
+    unet_cfg = unet_lib.UNet2DConditionConfig.from_dict(cfg.ldm.unet, "config 'ldm.unet'")
+    text_cfg = CLIPTextConfig.from_dict(cfg.ldm.text_encoder, "config 'ldm.text_encoder'")
+    sched_cfg = schedulers.SchedulerConfig.from_dict(cfg.ldm.scheduler, "config 'ldm.scheduler'")
+    latents = encode_latents(vae_cfg, vae_params, images, mesh)
+    ids, mask = tokenizer.encode(captions)
+    u_ids, u_mask = tokenizer.encode([""])
+    # A different seed per model so target and shadow are independent draws.
+    seed = cfg.seed * 1000 + (int(hashlib.sha256(name.encode()).hexdigest(), 16) % 997)
+    params = train_ldm(unet_cfg, text_cfg, sched_cfg, latents, ids, mask, u_ids[0], u_mask[0],
+                       cfg.ldm.train, caption_dropout=cfg.ldm.caption_dropout, seed=seed,
+                       mesh=mesh, ckpt_dir=cache.ckpt_dir(f"ldm-{name}", key))
+    comps = LDMComponents(vae_cfg=vae_cfg, vae_params=vae_params, unet_cfg=unet_cfg,
+                          unet_params=params["unet"], text_cfg=text_cfg,
+                          text_params=params["text"], tokenizer=tokenizer,
+                          scheduler_cfg=sched_cfg)
+    save_stable_diffusion(folder, comps)
+    cache.mark_done(f"ldm-{name}", key, {"trained_on": name, "n": int(len(images))})
+    return comps

@@ -1,0 +1,185 @@
+"""Training of the latent diffusion target: the autoencoder, then U-Net + text encoder.
+
+Both use the shared pure-step pattern (:mod:`t2i_mia.training.loop`): a pure
+``loss_fn(params, batch, rng)``, ``jax.jit`` over the mesh with the state donated, batches
+that are a pure function of the step (so a checkpoint holds the data position), orbax
+checkpoints and resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from t2i_mia.config import TrainConfig
+from t2i_mia.models import autoencoder_kl, schedulers, unet as unet_lib
+from t2i_mia.models.clip import CLIPTextConfig, CLIPTextModel
+from t2i_mia.parallel.mesh import batch_sharding, replicated
+from t2i_mia.training.loop import (create_train_state, epoch_batches, jit_train_step,
+                                   make_train_step, run_training)
+
+log = logging.getLogger(__name__)
+PyTree = Any
+
+
+def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+    """adamw with linear warm-up then cosine decay to 10%, global-norm clipping."""
+    decay_steps = max(tc.steps, tc.warmup_steps + 1)
+    sched = optax.warmup_cosine_decay_schedule(0.0, tc.learning_rate, tc.warmup_steps,
+                                               decay_steps, end_value=0.1 * tc.learning_rate)
+    parts = [optax.clip_by_global_norm(tc.grad_clip)] if tc.grad_clip > 0 else []
+    parts.append(optax.adamw(sched, weight_decay=tc.weight_decay))
+    return optax.chain(*parts)
+
+
+def _round_batch(batch_size: int, mesh: Mesh) -> int:
+    """The global batch must divide over the mesh's data axis."""
+    n = mesh.shape["data"]
+    return max(n, (batch_size // n) * n)
+
+
+def to_unit_range(images_u8: jax.Array) -> jax.Array:
+    """uint8[..., 3] -> f32 in [-1, 1]."""
+    return images_u8.astype(jnp.float32) / 127.5 - 1.0
+
+
+def train_autoencoder(cfg: autoencoder_kl.AutoencoderKLConfig, images: np.ndarray,
+                      tc: TrainConfig, *, kl_weight: float, seed: int, mesh: Mesh,
+                      ckpt_dir: str | None) -> tuple[autoencoder_kl.AutoencoderKLConfig, PyTree]:
+    """Trains the KL autoencoder on uint8[N,H,W,3] images (the ``pretrain`` split).
+
+    Returns the config with ``scaling_factor`` set to 1/std of the trained latents (as Stable
+    Diffusion chose its 0.18215) and the parameters.
+    """
+    bs = _round_batch(tc.batch_size, mesh)
+    tx = make_optimizer(tc)
+    params = autoencoder_kl.init_params(cfg, jax.random.PRNGKey(seed))
+    state = create_train_state(params, tx, jax.random.PRNGKey(seed + 1), ema=False)
+
+    def loss_fn(p, batch, rng):
+        return autoencoder_kl.vae_loss(cfg, p, to_unit_range(batch["image"]), rng,
+                                       recon_loss="l1", kl_weight=kl_weight)
+
+    index = epoch_batches(len(images), bs, seed)
+    batch_fn = lambda step: {"image": images[index(step)]}  # noqa: E731
+    step = jit_train_step(make_train_step(loss_fn, tx), mesh, state, batch_fn(0))
+    state, _ = run_training(state=state, train_step=step, batch_fn=batch_fn, num_steps=tc.steps,
+                            mesh=mesh, ckpt_dir=ckpt_dir, checkpoint_every=tc.checkpoint_every,
+                            desc="autoencoder")
+    params = jax.device_get(state.params)
+    lat = encode_latents(cfg, params, images[: min(len(images), 512)], mesh, scale=1.0)
+    std = float(np.std(lat))
+    cfg = dataclasses.replace(cfg, scaling_factor=float(1.0 / max(std, 1e-6)))
+    log.info("autoencoder: latent std %.4f -> scaling_factor %.4f", std, cfg.scaling_factor)
+    return cfg, params
+
+
+def encode_latents(cfg: autoencoder_kl.AutoencoderKLConfig, params: PyTree, images: np.ndarray,
+                   mesh: Mesh, scale: float | None = None, batch_size: int = 256) -> np.ndarray:
+    """uint8[N,H,W,3] -> posterior means * scaling_factor, f32[N,h,w,C] (host)."""
+    scale = cfg.scaling_factor if scale is None else scale
+    model = autoencoder_kl.AutoencoderKL(cfg)
+    bs = _round_batch(batch_size, mesh)
+
+    @jax.jit
+    def enc(p, x):
+        mean, _ = model.apply({"params": p}, to_unit_range(x), method="encode")
+        return mean * scale
+
+    p = jax.device_put(params, replicated(mesh))
+    outs = []
+    for i in range(0, len(images), bs):
+        chunk = images[i: i + bs]
+        n = len(chunk)
+        if n < bs:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], bs - n, 0)])
+        x = jax.device_put(chunk, batch_sharding(mesh, 4))
+        outs.append(np.asarray(enc(p, x))[:n])
+    return np.concatenate(outs)
+
+
+def init_text_encoder(cfg: CLIPTextConfig, seed: int, max_length: int) -> PyTree:
+    ids = jnp.zeros((1, max_length), jnp.int32)
+    return CLIPTextModel(cfg).init(jax.random.PRNGKey(seed), ids, jnp.ones_like(ids))["params"]
+
+
+def diffusion_loss(unet_cfg: unet_lib.UNet2DConditionConfig, text_cfg: CLIPTextConfig,
+                   sched_cfg: schedulers.SchedulerConfig, params: PyTree, latents: jax.Array,
+                   ids: jax.Array, mask: jax.Array, t: jax.Array, noise: jax.Array
+                   ) -> jax.Array:
+    """Per-example DDPM loss f32[B]: || eps_theta(x_t, t, c) - target ||^2 averaged.
+
+    ``target`` is the noise (epsilon prediction) or the velocity (v-prediction), per the
+    scheduler config. Used for training and as the white-box reference signal.
+    """
+    ac = schedulers.alphas_cumprod(sched_cfg)
+    noisy = schedulers.add_noise(ac, latents, noise, t)
+    ctx, _ = CLIPTextModel(text_cfg).apply({"params": params["text"]}, ids, mask)
+    pred = unet_lib.UNet2DConditionModel(unet_cfg).apply({"params": params["unet"]}, noisy, t,
+                                                         ctx)
+    target = schedulers.training_target(sched_cfg, ac, latents, noise, t)
+    return jnp.mean(jnp.square(pred - target), axis=(1, 2, 3))
+
+
+def train_ldm(unet_cfg: unet_lib.UNet2DConditionConfig, text_cfg: CLIPTextConfig,
+              sched_cfg: schedulers.SchedulerConfig, latents: np.ndarray, ids: np.ndarray,
+              mask: np.ndarray, uncond_ids: np.ndarray, uncond_mask: np.ndarray,
+              tc: TrainConfig, *, caption_dropout: float, seed: int, mesh: Mesh,
+              ckpt_dir: str | None, text_params: PyTree | None = None,
+              train_text: bool = True) -> PyTree:
+    """Trains U-Net (+ text encoder) on a model's members.
+
+    Args:
+      latents: f32[N,h,w,C] scaled latents of the members' images.
+      ids, mask: int32[N,L] caption tokens; uncond_ids/mask int32[L]: the empty caption.
+      caption_dropout: probability of replacing a caption by the empty one (enables
+        classifier-free guidance at sampling time).
+      text_params: a pretrained text encoder (kept frozen unless ``train_text``).
+    Returns: ``{"unet": ..., "text": ...}`` (the EMA parameters when EMA is on).
+    """
+    bs = _round_batch(tc.batch_size, mesh)
+    k0, k1 = jax.random.split(jax.random.PRNGKey(seed))
+    params = {"unet": unet_lib.init_params(unet_cfg, k0, context_len=ids.shape[1]),
+              "text": text_params if text_params is not None
+              else init_text_encoder(text_cfg, seed + 7, ids.shape[1])}
+    tx = make_optimizer(tc)
+    if not train_text:
+        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
+                                   {"unet": "train", "text": "frozen"})
+    use_ema = tc.ema_decay > 0
+    state = create_train_state(params, tx, k1, ema=use_ema)
+    T = sched_cfg.num_train_timesteps
+    u_ids = jnp.asarray(uncond_ids)
+    u_mask = jnp.asarray(uncond_mask)
+
+    def loss_fn(p, batch, rng):
+        kt, kn, kd = jax.random.split(rng, 3)
+        b = batch["latents"].shape[0]
+        t = jax.random.randint(kt, (b,), 0, T)
+        noise = jax.random.normal(kn, batch["latents"].shape)
+        drop = jax.random.bernoulli(kd, caption_dropout, (b,))[:, None]
+        cids = jnp.where(drop, u_ids[None], batch["ids"])
+        cmask = jnp.where(drop, u_mask[None], batch["mask"])
+        loss = jnp.mean(diffusion_loss(unet_cfg, text_cfg, sched_cfg, p, batch["latents"],
+                                       cids, cmask, t, noise))
+        return loss, {}
+
+    index = epoch_batches(len(latents), bs, seed)
+
+    def batch_fn(step):
+        idx = index(step)
+        return {"latents": latents[idx], "ids": ids[idx], "mask": mask[idx]}
+
+    step = jit_train_step(make_train_step(loss_fn, tx, tc.ema_decay if use_ema else None),
+                          mesh, state, batch_fn(0))
+    state, _ = run_training(state=state, train_step=step, batch_fn=batch_fn, num_steps=tc.steps,
+                            mesh=mesh, ckpt_dir=ckpt_dir, checkpoint_every=tc.checkpoint_every,
+                            desc="ldm")
+    return jax.device_get(state.ema_params if use_ema else state.params)
