@@ -78,6 +78,9 @@ class AutoencoderKLConfig:
     scaling_factor: float = 0.18215
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):  # lists (from JSON or callers) -> tuples: hashable
+            if isinstance(getattr(self, f.name), list):
+                object.__setattr__(self, f.name, tuple(getattr(self, f.name)))
         _validate(dataclasses.asdict(self), type(self).__name__)
 
     @property
@@ -103,7 +106,7 @@ class AutoencoderKLConfig:
                 continue
             if key not in fields:
                 raise ConfigError(f"{where}: key '{key}' (= {value!r}) is not implemented")
-            kw[key] = tuple(value) if isinstance(value, list) else value
+            kw[key] = value
         defaults = {f.name: f.default for f in dataclasses.fields(cls)}
         _validate({**defaults, **kw}, where)  # first, so that errors name the file
         return cls(**kw)
@@ -116,6 +119,11 @@ class AutoencoderKLConfig:
 
 def _validate(d: dict, where: str) -> None:
     """Raises ConfigError naming the key and value the architecture cannot have."""
+    for key, known in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
+        bad = [b for b in d[key] if b != known] if isinstance(d[key], (list, tuple)) else []
+        if bad:
+            raise ConfigError(f"{where}: '{key}' = {d[key]!r}: block {bad[0]!r} is not implemented "
+                              f"(supported: [{known!r}])")
     rules = {
         "in_channels": _is_pos_int,
         "out_channels": _is_pos_int,
@@ -332,7 +340,7 @@ class AutoencoderKL(nn.Module):
 def init_params(cfg: AutoencoderKLConfig, rng: jax.Array) -> PyTree:
     """Random parameters (diffusers' tree)."""
     x = jnp.zeros((1, cfg.downsample_factor, cfg.downsample_factor, cfg.in_channels), jnp.float32)
-    return AutoencoderKL(cfg).init(rng, x)["params"]
+    return jax.jit(AutoencoderKL(cfg).init)(rng, x)["params"]  # compiled: far faster than op by op
 
 
 def param_shapes(cfg: AutoencoderKLConfig) -> PyTree:

@@ -128,6 +128,9 @@ class UNet2DConditionConfig:
     projection_class_embeddings_input_dim: int | None = None
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):  # lists (from JSON or callers) -> tuples: hashable
+            if isinstance(getattr(self, f.name), list):
+                object.__setattr__(self, f.name, tuple(getattr(self, f.name)))
         _validate(dataclasses.asdict(self), type(self).__name__)
 
     @property
@@ -164,7 +167,7 @@ class UNet2DConditionConfig:
                 continue
             if key not in fields:
                 raise ConfigError(f"{where}: key '{key}' (= {value!r}) is not implemented")
-            kw[key] = tuple(value) if isinstance(value, list) else value
+            kw[key] = value
         defaults = {f.name: f.default for f in dataclasses.fields(cls)}
         _validate({**defaults, **kw}, where)  # first, so that errors name the file
         return cls(**kw)
@@ -177,6 +180,11 @@ class UNet2DConditionConfig:
 
 def _validate(d: dict, where: str) -> None:
     n = len(d["block_out_channels"]) if isinstance(d["block_out_channels"], (list, tuple)) else 0
+    for key, known in (("down_block_types", DOWN_BLOCKS), ("up_block_types", UP_BLOCKS)):
+        bad = [b for b in d[key] if b not in known] if isinstance(d[key], (list, tuple)) else []
+        if bad:
+            raise ConfigError(f"{where}: '{key}' = {d[key]!r}: block {bad[0]!r} is not implemented "
+                              f"(supported: {list(known)})")
     rules = {
         "sample_size": _is_pos_int,
         "in_channels": _is_pos_int,
@@ -492,9 +500,9 @@ class UNet2DConditionModel(nn.Module):
 def init_params(cfg: UNet2DConditionConfig, rng: jax.Array, context_len: int = 1) -> PyTree:
     """Random parameters (diffusers' tree)."""
     s = cfg.downsample_factor
-    return UNet2DConditionModel(cfg).init(
-        rng, jnp.zeros((1, s, s, cfg.in_channels), jnp.float32), jnp.ones((1,), jnp.int32),
-        jnp.zeros((1, context_len, cfg.cross_attention_dim), jnp.float32))["params"]
+    init = jax.jit(UNet2DConditionModel(cfg).init)  # compiled: far faster than op by op
+    return init(rng, jnp.zeros((1, s, s, cfg.in_channels), jnp.float32), jnp.ones((1,), jnp.int32),
+                jnp.zeros((1, context_len, cfg.cross_attention_dim), jnp.float32))["params"]
 
 
 def param_shapes(cfg: UNet2DConditionConfig) -> PyTree:
