@@ -474,3 +474,82 @@ def test_unet_and_vae_save_load_round_trip(tmp_path, tiny_unet_params, tiny_vae_
     cfg, loaded = vae_mod.load_vae(tmp_path / "vae")
     assert cfg == TINY_VAE
     jax.tree.map(np.testing.assert_array_equal, vp, loaded)
+
+
+# --------------------------------------------------------------------------- SD folders
+
+
+@pytest.fixture(scope="module")
+def tiny_components(tiny_unet_params, tiny_vae_params):
+    from t2i_mia.models.clip import CLIPTextConfig, init_clip_text
+    from t2i_mia.models.ldm import LDMComponents
+    from t2i_mia.models.tokenizer import TextTokenizer
+
+    tok = TextTokenizer.train(["a red square", "a blue circle on grass", "two dogs"], 300, 8)
+    text_cfg = CLIPTextConfig(vocab_size=tok.vocab_size, hidden_size=16, intermediate_size=32,
+                              projection_dim=16, num_hidden_layers=1, num_attention_heads=2,
+                              max_position_embeddings=8)
+    sched = sch.SchedulerConfig(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    return LDMComponents(TINY_VAE, tiny_vae_params, TINY_UNET, tiny_unet_params, text_cfg,
+                         init_clip_text(text_cfg, jax.random.key(5)), tok, sched)
+
+
+def _assert_trees_equal(a, b):
+    fa = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(a)[0]}
+    fb = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(b)[0]}
+    assert fa.keys() == fb.keys()
+    for k in fa:
+        np.testing.assert_array_equal(np.asarray(fa[k]), np.asarray(fb[k]), err_msg=k)
+
+
+def test_stable_diffusion_folder_round_trip(tmp_path, tiny_components):
+    from t2i_mia.models.ldm import load_stable_diffusion, save_stable_diffusion
+
+    c = tiny_components
+    save_stable_diffusion(tmp_path / "sd", c)
+    for rel in ("model_index.json", "unet/config.json", "unet/diffusion_flax_model.msgpack",
+                "vae/config.json", "vae/diffusion_flax_model.msgpack", "text_encoder/config.json",
+                "text_encoder/flax_model.msgpack", "scheduler/scheduler_config.json"):
+        assert (tmp_path / "sd" / rel).is_file(), rel
+    assert not list((tmp_path / "sd").rglob("*.tmp"))
+    back = load_stable_diffusion(tmp_path / "sd")
+    assert (back.vae_cfg, back.unet_cfg, back.text_cfg, back.scheduler_cfg) == (
+        c.vae_cfg, c.unet_cfg, c.text_cfg, c.scheduler_cfg)
+    _assert_trees_equal(back.vae_params, c.vae_params)
+    _assert_trees_equal(back.unet_params, c.unet_params)
+    _assert_trees_equal(back.text_params, c.text_params)
+    caps = ["a red dog", ""]
+    for got, want in zip(back.tokenizer.encode(caps), c.tokenizer.encode(caps)):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_stable_diffusion_folder_errors_name_the_file(tmp_path, tiny_components):
+    from t2i_mia.models.ldm import load_stable_diffusion, save_stable_diffusion
+
+    root = tmp_path / "sd"
+    save_stable_diffusion(root, tiny_components)
+    (root / "scheduler" / "scheduler_config.json").unlink()
+    with pytest.raises(CheckpointError, match="scheduler_config.json"):
+        load_stable_diffusion(root)
+    save_stable_diffusion(root, tiny_components)
+    index = read_json(root / "model_index.json")
+    del index["unet"]
+    (root / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"model_index.json: no 'unet' entry"):
+        load_stable_diffusion(root)
+    save_stable_diffusion(root, tiny_components)
+    tree = read_msgpack(root / "vae" / vae_mod.VAE_WEIGHTS)
+    tree["post_quant_conv"]["kernel"] = np.zeros((1, 1, 4, 8), np.float32)
+    write_msgpack(root / "vae" / vae_mod.VAE_WEIGHTS, tree)
+    with pytest.raises(CheckpointError, match=r"vae/diffusion_flax_model.msgpack: tensor 'post_quant_conv/kernel'"):
+        load_stable_diffusion(root)
+
+
+def test_stable_diffusion_parts_must_fit(tmp_path, tiny_components):
+    from t2i_mia.models.ldm import save_stable_diffusion
+
+    wide = dataclasses.replace(tiny_components.text_cfg, hidden_size=32, num_attention_heads=2)
+    bad = dataclasses.replace(tiny_components, text_cfg=wide)
+    with pytest.raises(CheckpointError, match="cross_attention_dim = 16.*hidden_size = 32"):
+        save_stable_diffusion(tmp_path / "sd", bad)

@@ -108,7 +108,8 @@ def save_stable_diffusion(folder: str | os.PathLike, comps: LDMComponents) -> No
         "unet": ["diffusers", "FlaxUNet2DConditionModel"],
         "vae": ["diffusers", "FlaxAutoencoderKL"],
         "text_encoder": ["transformers", "FlaxCLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
+        # our tokenizers are saved as tokenizer.json (what PreTrainedTokenizerFast reads)
+        "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
         "scheduler": ["diffusers", "FlaxDDIMScheduler"],
         "safety_checker": [None, None],
         "feature_extractor": [None, None],
