@@ -26,6 +26,7 @@ Images enter the vision tower as NHWC float32, already normalised with the CLIP 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any, Mapping
 
@@ -35,7 +36,7 @@ import numpy as np
 import optax
 from flax import linen as nn
 
-from t2i_mia.errors import CheckpointError, ConfigError, DataError
+from t2i_mia.errors import ConfigError, DataError
 from t2i_mia.models import formats
 
 PyTree = Any
@@ -113,6 +114,9 @@ def _from_fields(cls, d: Mapping[str, Any], where: str, rules: Mapping[str, Any]
                  model_type: str):
     if not isinstance(d, Mapping):
         raise ConfigError(f"{where}: expected a JSON object, got {type(d).__name__}")
+    if d.get("model_type", model_type) != model_type:
+        raise ConfigError(f"{where}: 'model_type' = {d['model_type']!r}, expected "
+                          f"{model_type!r}")
     rules = dict(rules)
     rules["model_type"] = (model_type,)
     formats.check_config_keys(d, rules, where, _IGNORED_SUBCONFIG_KEYS)
@@ -222,6 +226,8 @@ class CLIPConfig:
         """
         if not isinstance(d, Mapping):
             raise ConfigError(f"{where}: expected a JSON object, got {type(d).__name__}")
+        if d.get("model_type", "clip") != "clip":
+            raise ConfigError(f"{where}: 'model_type' = {d['model_type']!r}, expected 'clip'")
         rules = {
             "model_type": ("clip",),
             "projection_dim": _pos_int,
@@ -479,15 +485,26 @@ def _dummy_inputs(cfg: CLIPConfig):
             jnp.ones((1, cfg.text_config.max_position_embeddings), jnp.int32))
 
 
+# Jitted (op-by-op initialisation dispatches hundreds of tiny kernels) and cached per config.
+@functools.partial(jax.jit, static_argnums=0)
+def _init_clip(cfg: CLIPConfig, key: jax.Array) -> PyTree:
+    return CLIPModel(cfg).init(key, *_dummy_inputs(cfg))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init_clip_text(cfg: CLIPTextConfig, key: jax.Array) -> PyTree:
+    ids = jnp.zeros((1, cfg.max_position_embeddings), jnp.int32)
+    return CLIPTextModel(cfg).init(key, ids, jnp.ones_like(ids))
+
+
 def init_clip(cfg: CLIPConfig, key: jax.Array) -> PyTree:
     """Fresh variables {"params": ...} for CLIPModel(cfg)."""
-    return CLIPModel(cfg).init(key, *_dummy_inputs(cfg))
+    return _init_clip(cfg, key)
 
 
 def init_clip_text(cfg: CLIPTextConfig, key: jax.Array) -> PyTree:
     """Fresh variables {"params": ...} for CLIPTextModel(cfg)."""
-    ids = jnp.zeros((1, cfg.max_position_embeddings), jnp.int32)
-    return CLIPTextModel(cfg).init(key, ids, jnp.ones_like(ids))
+    return _init_clip_text(cfg, key)
 
 
 def _unwrap(params: PyTree) -> PyTree:

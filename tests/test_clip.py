@@ -1,0 +1,251 @@
+"""CLIP: parity with transformers' FlaxCLIPModel, checkpoint I/O, config validation, training."""
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import REFERENCE, assert_parity, fixture_folders
+from flax import traverse_util
+
+from t2i_mia.errors import CheckpointError, ConfigError, DataError
+from t2i_mia.models import formats
+from t2i_mia.models.clip import (CLIP_MEAN, CLIP_STD, CLIPConfig, CLIPModel, CLIPTextConfig,
+                                 CLIPTextModel, CLIPVisionConfig, clip_contrastive_loss,
+                                 load_clip, load_clip_text, preprocess_images, save_clip,
+                                 save_clip_text)
+from t2i_mia.models.tokenizer import TextTokenizer
+from t2i_mia.training.clip_train import train_clip
+
+FIXTURE = REFERENCE / "clip"
+
+
+def _forward(cfg, params, io):
+    pixels = np.transpose(io["pixel_values_nchw"], (0, 2, 3, 1))  # HF NCHW -> our NHWC
+    return jax.jit(CLIPModel(cfg).apply)(params, pixels, io["input_ids"], io["attention_mask"])
+
+
+def _flat(params):
+    return traverse_util.flatten_dict(params["params"], sep="/")
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("folder", fixture_folders("clip") or [None])
+def test_parity_with_transformers(folder):
+    if folder is None:
+        pytest.skip("no clip fixture folders")
+    cfg, params = load_clip(folder)
+    io = np.load(folder / "io.npz")
+    out = _forward(cfg, params, io)
+    for name in ("image_embeds", "text_embeds", "logits_per_image"):
+        assert_parity(out[name], io[name], name)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    cfg, params = load_clip(FIXTURE)
+    return cfg, params, np.load(FIXTURE / "io.npz")
+
+
+def test_loaded_tree_matches_file_key_for_key(reference):
+    _, params, _ = reference
+    raw = traverse_util.flatten_dict(formats.read_msgpack(FIXTURE / "flax_model.msgpack"),
+                                     sep="/")
+    ours = _flat(params)
+    assert set(ours) == set(raw)
+    assert "text_model/encoder/layers/0/self_attn/q_proj/kernel" in ours
+    assert "vision_model/pre_layrnorm/scale" in ours
+    np.testing.assert_array_equal(ours["logit_scale"], raw["logit_scale"])
+
+
+def test_save_load_round_trip(reference, tmp_path):
+    cfg, params, io = reference
+    save_clip(tmp_path, cfg, params)
+    cfg2, params2 = load_clip(tmp_path)
+    assert cfg2 == cfg
+    a, b = _flat(params), _flat(params2)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), err_msg=k)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["model_type"] == "clip"
+    assert saved["text_config"]["model_type"] == "clip_text_model"
+    assert saved["vision_config"]["model_type"] == "clip_vision_model"
+
+
+def _copy_fixture(tmp_path):
+    dst = tmp_path / "ckpt"
+    shutil.copytree(FIXTURE, dst)
+    return dst
+
+
+def test_missing_tensor_is_named(tmp_path):
+    dst = _copy_fixture(tmp_path)
+    tree = formats.read_msgpack(dst / "flax_model.msgpack")
+    del tree["text_model"]["encoder"]["layers"]["1"]["mlp"]["fc2"]["bias"]
+    formats.write_msgpack(dst / "flax_model.msgpack", tree)
+    with pytest.raises(CheckpointError, match="text_model/encoder/layers/1/mlp/fc2/bias"):
+        load_clip(dst)
+
+
+def test_wrong_shape_tensor_is_named(tmp_path):
+    dst = _copy_fixture(tmp_path)
+    tree = formats.read_msgpack(dst / "flax_model.msgpack")
+    tree["visual_projection"]["kernel"] = np.zeros((32, 17), np.float32)
+    formats.write_msgpack(dst / "flax_model.msgpack", tree)
+    with pytest.raises(CheckpointError, match=r"visual_projection/kernel.*\(32, 17\).*\(32, 16\)"):
+        load_clip(dst)
+
+
+@pytest.mark.parametrize("sub,key,value", [
+    ("vision_config", "hidden_act", "relu6"),
+    ("text_config", "attention_dropout", 0.1),
+    ("text_config", "some_new_option", True),
+])
+def test_unsupported_config_value_is_named(tmp_path, sub, key, value):
+    dst = _copy_fixture(tmp_path)
+    d = json.loads((dst / "config.json").read_text())
+    d[sub][key] = value
+    (dst / "config.json").write_text(json.dumps(d))
+    with pytest.raises(ConfigError, match=rf"{sub}.*'{key}'.*{value!r}"):
+        load_clip(dst)
+
+
+def test_config_dict_round_trip_and_overrides():
+    d = json.loads((FIXTURE / "config.json").read_text())
+    cfg = CLIPConfig.from_dict(d)
+    assert cfg.text_config.vocab_size == 1000 and cfg.vision_config.patch_size == 8
+    assert CLIPConfig.from_dict(cfg.to_dict()) == cfg
+    # Older openai configs: *_config_dict entries override *_config.
+    d["text_config_dict"] = {"hidden_act": "gelu"}
+    assert CLIPConfig.from_dict(d).text_config.hidden_act == "gelu"
+    with pytest.raises(ConfigError, match="model_type"):
+        CLIPTextConfig.from_dict({"model_type": "clip_vision_model"})
+    with pytest.raises(ConfigError, match="patch_size"):
+        CLIPVisionConfig.from_dict({"image_size": 30, "patch_size": 8})
+
+
+def test_text_tower_round_trip(reference, tmp_path):
+    cfg, params, io = reference
+    text_params = {"params": params["params"]["text_model"]}
+    save_clip_text(tmp_path, cfg.text_config, text_params)
+    raw = traverse_util.flatten_dict(formats.read_msgpack(tmp_path / "flax_model.msgpack"),
+                                     sep="/")
+    assert all(k.startswith("text_model/") for k in raw)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "clip_text_model"
+    tcfg, tparams = load_clip_text(tmp_path)
+    assert tcfg == cfg.text_config
+    hidden, pooled = jax.jit(CLIPTextModel(tcfg).apply)(tparams, io["input_ids"],
+                                                        io["attention_mask"])
+    assert hidden.shape == io["input_ids"].shape + (32,)
+    feats = pooled @ params["params"]["text_projection"]["kernel"]
+    feats = feats / jnp.linalg.norm(feats, axis=-1, keepdims=True)
+    assert_parity(feats, io["text_embeds"], "text tower alone")
+    with pytest.raises(ConfigError, match="model_type"):
+        load_clip_text(FIXTURE)  # a full CLIP config is not a text-tower config
+
+
+def test_padding_does_not_change_text_features(reference):
+    cfg, params, io = reference
+    ids = np.asarray(io["input_ids"][:, :10]).copy()
+    ids[:, -1] = 999  # eos (highest id) at the end of a 10-token caption
+    mask = np.ones_like(ids)
+    padded = np.concatenate([ids, np.full((3, 6), 1, np.int32)], axis=1)
+    pmask = np.concatenate([mask, np.zeros((3, 6), np.int32)], axis=1)
+    f = jax.jit(lambda p, i, m: CLIPModel(cfg).apply(p, i, m, method="get_text_features"))
+    np.testing.assert_allclose(f(params, padded, pmask), f(params, ids, mask), rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_preprocess_images():
+    imgs = np.zeros((2, 32, 32, 3), np.uint8)
+    imgs[1] = 255
+    x = preprocess_images(imgs, 32)
+    assert x.shape == (2, 32, 32, 3) and x.dtype == np.float32
+    np.testing.assert_allclose(x[0, 0, 0], -np.array(CLIP_MEAN) / np.array(CLIP_STD), rtol=1e-6)
+    np.testing.assert_allclose(x[1, 5, 7], (1 - np.array(CLIP_MEAN)) / np.array(CLIP_STD),
+                               rtol=1e-6)
+    wide = np.full((1, 20, 40, 3), 128, np.uint8)  # shortest side -> 16, centre crop
+    y = preprocess_images(wide, 16)
+    assert y.shape == (1, 16, 16, 3)
+    want = (128 / 255 - np.array(CLIP_MEAN)) / np.array(CLIP_STD)
+    np.testing.assert_allclose(y, np.broadcast_to(want, y.shape), rtol=1e-5)
+    with pytest.raises(DataError, match="uint8"):
+        preprocess_images(imgs.astype(np.float32), 32)
+
+
+def test_contrastive_loss_prefers_matching_pairs(reference):
+    cfg, params, io = reference
+    pixels = np.transpose(io["pixel_values_nchw"], (0, 2, 3, 1))
+    model = CLIPModel(cfg)
+    loss = jax.jit(clip_contrastive_loss, static_argnums=1)(
+        params, model, pixels, io["input_ids"], io["attention_mask"])
+    # The reference logits, capped temperature unchanged (exp(2.6592) < 100): same value.
+    logits = io["logits_per_image"].astype(np.float64)
+    lse = lambda z: np.log(np.exp(z - z.max(1, keepdims=True)).sum(1)) + z.max(1)
+    want = 0.5 * ((lse(logits) - np.diag(logits)).mean() + (lse(logits.T) - np.diag(logits)).mean())
+    np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- training
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220),
+           "yellow": (230, 220, 30), "purple": (150, 30, 160), "cyan": (30, 210, 210),
+           "white": (245, 245, 245), "orange": (250, 140, 20)}
+CORNERS = {"top left": (0, 0), "top right": (0, 8), "bottom left": (8, 0),
+           "bottom right": (8, 8)}
+
+
+def _squares():
+    images, captions = [], []
+    for colour, rgb in COLOURS.items():
+        for corner, (y, x) in CORNERS.items():
+            img = np.full((16, 16, 3), 40, np.uint8)
+            img[y:y + 8, x:x + 8] = rgb
+            images.append(img)
+            captions.append(f"a {colour} square in the {corner}")
+    return np.stack(images), captions
+
+
+def _tiny_config(vocab_size):
+    text = CLIPTextConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                          projection_dim=32, num_hidden_layers=1, num_attention_heads=2,
+                          max_position_embeddings=12)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, projection_dim=32,
+                              num_hidden_layers=1, num_attention_heads=2, image_size=16,
+                              patch_size=8)  # one patch per corner
+    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=32)
+
+
+@pytest.mark.slow  # ~20 s on 2 shared cores, nearly all of it XLA compilation
+def test_contrastive_training_learns_retrieval():
+    images, captions = _squares()
+    tok = TextTokenizer.train(captions, 300, 12)
+    cfg = _tiny_config(tok.vocab_size)
+    # Steps are cheap (~5 ms); the time goes into compiling init, step and forward.
+    kw = dict(steps=600, batch_size=32, lr=1e-3, seed=0, progress=False)
+    params, losses = train_clip(images, captions, tok, cfg, return_losses=True, **kw)
+    assert losses.shape == (600,)
+    assert losses[-10:].mean() < 0.5 * losses[0], (losses[0], losses[-10:])
+    ids, mask = tok.encode(captions)
+    out = jax.jit(CLIPModel(cfg).apply)(params, preprocess_images(images, 16), ids, mask)
+    acc = float(np.mean(np.argmax(np.asarray(out["logits_per_image"]).T, 1) == np.arange(32)))
+    assert acc >= 8 / 32, acc  # chance is 1/32
+    # Same seed: the same run, bit for bit (the compiled step is reused).
+    again = train_clip(images, captions, tok, cfg, **kw)
+    a, b = _flat(params), _flat(again)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_train_clip_rejects_mismatched_tokenizer():
+    images, captions = _squares()
+    tok = TextTokenizer.train(captions, 300, 12)
+    with pytest.raises(ConfigError, match="vocab_size"):
+        train_clip(images, captions, tok, _tiny_config(tok.vocab_size - 1), steps=1,
+                   batch_size=4, lr=1e-3, seed=0, progress=False)
+    with pytest.raises(DataError, match="captions"):
+        train_clip(images[:5], captions, tok, _tiny_config(tok.vocab_size), steps=1,
+                   batch_size=4, lr=1e-3, seed=0, progress=False)
