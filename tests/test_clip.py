@@ -1,6 +1,7 @@
 """CLIP: parity with transformers' FlaxCLIPModel, checkpoint I/O, config validation, training."""
 
 import json
+import math
 import shutil
 
 import jax
@@ -13,7 +14,8 @@ from flax import traverse_util
 from t2i_mia.errors import CheckpointError, ConfigError, DataError
 from t2i_mia.models import formats
 from t2i_mia.models.clip import (CLIP_MEAN, CLIP_STD, CLIPConfig, CLIPModel, CLIPTextConfig,
-                                 CLIPTextModel, CLIPVisionConfig, clip_contrastive_loss,
+                                 CLIPTextModel, CLIPVisionConfig, _activation,
+                                 clip_contrastive_loss,
                                  load_clip, load_clip_text, preprocess_images, save_clip,
                                  save_clip_text)
 from t2i_mia.models.tokenizer import TextTokenizer
@@ -123,6 +125,11 @@ def test_config_dict_round_trip_and_overrides():
     assert CLIPConfig.from_dict(d).text_config.hidden_act == "gelu"
     with pytest.raises(ConfigError, match="model_type"):
         CLIPTextConfig.from_dict({"model_type": "clip_vision_model"})
+    x = np.linspace(-4, 4, 9, dtype=np.float32)
+    exact = 0.5 * x * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
+    np.testing.assert_allclose(_activation("gelu")(x), exact, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_activation("quick_gelu")(x), x / (1 + np.exp(-1.702 * x)),
+                               rtol=1e-5, atol=1e-6)
     with pytest.raises(ConfigError, match="patch_size"):
         CLIPVisionConfig.from_dict({"image_size": 30, "patch_size": 8})
 

@@ -590,8 +590,11 @@ def preprocess_images(images: np.ndarray, image_size: int) -> np.ndarray:
         out = []
         for img in images:
             h, w = img.shape[:2]
-            scale = image_size / min(h, w)
-            nh, nw = max(image_size, round(h * scale)), max(image_size, round(w * scale))
+            # HF's size rule: short side -> S, long side -> int(S * long / short).
+            if h <= w:
+                nh, nw = image_size, int(image_size * w / h)
+            else:
+                nh, nw = int(image_size * h / w), image_size
             r = np.asarray(Image.fromarray(img).resize((nw, nh), Image.BICUBIC))
             top, left = (nh - image_size) // 2, (nw - image_size) // 2
             out.append(r[top:top + image_size, left:left + image_size])
