@@ -1,0 +1,133 @@
+"""Config system and command line: presets, overrides, validation errors, --dry-run."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from t2i_mia import cli
+from t2i_mia.config import PRESETS, apply_overrides, get_config, load_config, validate
+from t2i_mia.errors import ConfigError
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_presets_validate(preset):
+    cfg = validate(get_config(preset))
+    assert cfg.preset == preset
+
+
+def test_tiny_is_the_embedded_default_at_required_size():
+    cfg = load_config(None)
+    s = cfg.data.splits
+    assert cfg.preset == "tiny" and cfg.data.source == "synthetic"
+    assert s.target_members >= 500 and s.target_nonmembers >= 500
+    assert cfg.adversary.k >= 4
+
+
+def test_set_overrides_are_typed():
+    cfg = load_config("ci", ["adversary.k=7", "ldm.train.learning_rate=3e-4",
+                             'adversary.caption_source="captioner"',
+                             "adversary.mlp.hidden=[16,8]", "ldm.unet.block_out_channels=[32,32]"])
+    assert cfg.adversary.k == 7
+    assert cfg.ldm.train.learning_rate == pytest.approx(3e-4)
+    assert cfg.adversary.caption_source == "captioner"
+    assert cfg.adversary.mlp.hidden == (16, 8)
+    assert cfg.ldm.unet["block_out_channels"] == [32, 32]
+    # Unquoted strings are accepted as strings.
+    assert load_config("ci", ["adversary.aux_mode=partial"]).adversary.aux_mode == "partial"
+
+
+@pytest.mark.parametrize("override, key", [
+    ("adversary.kk=3", "adversary.kk"),
+    ("nope=1", "nope"),
+    ("ldm.train.stepz=3", "ldm.train.stepz"),
+])
+def test_unknown_key_names_the_key(override, key):
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        load_config("ci", [override])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("adversary.k=two", "adversary.k"),
+    ("adversary.k=2.5", "adversary.k"),
+    ("adversary.white_box=1", "adversary.white_box"),
+    ("adversary.mlp.hidden=3", "adversary.mlp.hidden"),
+    ("data.image_size=30", "data.image_size"),
+    ("adversary.caption_source=oracle", "adversary.caption_source"),
+    ("ldm.sample.eta=-1", "ldm.sample.eta"),
+])
+def test_wrong_type_or_value_names_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config("ci", [override])
+
+
+def test_model_subconfig_validated_by_model_class():
+    with pytest.raises(ConfigError, match="down_block_types"):
+        load_config("ci", ['ldm.unet.down_block_types=["FooBlock","DownBlock2D"]'])
+    with pytest.raises(ConfigError, match="hidden_act"):
+        load_config("ci", ['ldm.text_encoder.hidden_act="relu6"'])
+
+
+def test_config_file(tmp_path):
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"preset": "ci", "seed": 3, "adversary": {"k": 3}}))
+    cfg = load_config(str(f), ["adversary.k=5"])
+    assert cfg.preset == "ci" and cfg.seed == 3 and cfg.adversary.k == 5
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"adversary": {"kay": 3}}))
+    with pytest.raises(ConfigError, match=r"bad\.json.*adversary\.kay"):
+        load_config(str(bad))
+    garbage = tmp_path / "garbage.json"
+    garbage.write_bytes(b"\xff\xfe{")
+    with pytest.raises(ConfigError, match="garbage.json"):
+        load_config(str(garbage))
+    with pytest.raises(ConfigError, match="neither a preset"):
+        load_config(str(tmp_path / "missing.json"))
+
+
+def test_section_hash_changes_with_value():
+    a, b = get_config("ci"), get_config("ci")
+    assert a.section_hash("ldm") == b.section_hash("ldm")
+    apply_overrides(b, ["ldm.train.steps=1"])
+    assert a.section_hash("ldm") != b.section_hash("ldm")
+
+
+def test_resolve_flags_and_errors(tmp_path):
+    p = cli.make_parser("x", "d")
+    cfg, paths = cli.resolve(p.parse_args(["--config", "ci", "--seed", "4", "--set",
+                                           "adversary.k=3", "--out", str(tmp_path / "o")]))
+    assert cfg.seed == 4 and cfg.adversary.k == 3 and paths.out.endswith("o")
+    with pytest.raises(ConfigError, match="--target-dir"):
+        cli.resolve(p.parse_args(["--config", "ci", "--target-dir", str(tmp_path / "nope")]))
+    with pytest.raises(ConfigError, match="--data-dir"):
+        cli.resolve(p.parse_args(["--config", "ci", "--data", "folder"]))
+    with pytest.raises(ConfigError, match="--target-dir"):
+        cli.resolve(p.parse_args(["--config", "ci", "--target", "generations"]))
+
+
+@pytest.mark.parametrize("module", ["t2i_mia.attack", "t2i_mia.train", "t2i_mia.generate"])
+def test_dry_run_prints_plan_and_touches_nothing(module, tmp_path):
+    out, work = tmp_path / "out", tmp_path / "work"
+    r = subprocess.run([sys.executable, "-m", module, "--config", "ci", "--dry-run",
+                        "--out", str(out), "--work-dir", str(work)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "plan" in r.stdout and "splits" in r.stdout and "mesh" in r.stdout
+    assert not out.exists() and not work.exists()
+
+
+def test_help_teaches():
+    r = subprocess.run([sys.executable, "-m", "t2i_mia.attack", "--help"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0
+    for word in ("--target", "--config", "--set", "--dry-run", "pixel", "shadow", "examples"):
+        assert word in r.stdout
+
+
+def test_cli_error_is_one_clear_line():
+    r = subprocess.run([sys.executable, "-m", "t2i_mia.attack", "--config", "ci", "--set",
+                        "adversary.bogus=1"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert "error:" in r.stderr and "adversary.bogus" in r.stderr
+    assert "Traceback" not in r.stderr
