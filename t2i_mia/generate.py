@@ -83,6 +83,7 @@ def main(argv=None) -> int:
     target = LDMTarget(comps, cfg.ldm.sample, seed=cfg.seed, mesh=mesh)
     images = np.asarray(target.generate(captions, ids, k))
     for i, per in zip(ids, images):
+        os.makedirs(os.path.join(paths.out, str(i)), exist_ok=True)
         for j in range(k):
             save_png(os.path.join(paths.out, str(i), f"{j}.png"), per[j])
     with open(os.path.join(paths.out, "captions.jsonl"), "w", encoding="utf-8") as f:
