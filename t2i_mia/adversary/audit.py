@@ -161,7 +161,7 @@ class Models:
 
 
 def _build_ldm_models(cfg: Config, paths: RunPaths, dataset, manifest, cache: ModelCache,
-                      mesh, timer: Timer) -> Models:
+                      mesh, timer: Timer, need_target: bool = True) -> Models:
     from t2i_mia.models.ldm import load_stable_diffusion
     from t2i_mia.targets import factory
     from t2i_mia.targets.ldm import LDMTarget
@@ -176,21 +176,24 @@ def _build_ldm_models(cfg: Config, paths: RunPaths, dataset, manifest, cache: Mo
         vae = factory.train_or_load_autoencoder(cfg, pre_images, pre_hash, cache, mesh)
         tok = factory.train_or_load_tokenizer(cfg, pre_captions, pre_hash, cache)
     sample = cfg.ldm.sample
-    with timer.phase("target"):
-        if paths.target_dir:
-            comps = load_stable_diffusion(paths.target_dir)
-            if comps.vae_cfg.sample_size != cfg.data.image_size:
-                raise ConfigError(
-                    f"{paths.target_dir}: the model makes {comps.vae_cfg.sample_size}px images "
-                    f"but data.image_size is {cfg.data.image_size}")
-        else:
-            # Known members (partial-knowledge mode) are members too: the target trains on them.
-            ids = manifest.target_training_ids()
-            im, cap = dataset.get_many(ids)
-            h = factory.ids_hash(manifest.hashes("target_members")
-                                 + manifest.hashes("target_known_members"))
-            comps = factory.train_or_load_ldm(cfg, "target", im, cap, h, vae, tok, cache, mesh)
-        target = LDMTarget(comps, sample, seed=cfg.seed, mesh=mesh, name="target")
+    target = None
+    if need_target:
+        with timer.phase("target"):
+            if paths.target_dir:
+                comps = load_stable_diffusion(paths.target_dir)
+                if comps.vae_cfg.sample_size != cfg.data.image_size:
+                    raise ConfigError(
+                        f"{paths.target_dir}: the model makes {comps.vae_cfg.sample_size}px "
+                        f"images but data.image_size is {cfg.data.image_size}")
+            else:
+                # Known members (partial-knowledge mode) are members too: the target trains
+                # on them.
+                im, cap = dataset.get_many(manifest.target_training_ids())
+                h = factory.ids_hash(manifest.hashes("target_members")
+                                     + manifest.hashes("target_known_members"))
+                comps = factory.train_or_load_ldm(cfg, "target", im, cap, h, vae, tok, cache,
+                                                  mesh)
+            target = LDMTarget(comps, sample, seed=cfg.seed, mesh=mesh, name="target")
     # One model trained on shadow_members: the shadow (shadow mode) and in every mode the
     # null target (its training data is disjoint from the evaluated members).
     with timer.phase("shadow" if cfg.adversary.aux_mode == "shadow" else "null_model"):
@@ -205,8 +208,7 @@ def _build_ldm_models(cfg: Config, paths: RunPaths, dataset, manifest, cache: Mo
 def _build_generations_models(cfg, paths, dataset, manifest, cache, mesh, timer) -> Models:
     from t2i_mia.targets.generations import GenerationsTarget
     target = GenerationsTarget(paths.target_dir, cfg.data.image_size)
-    m = _build_ldm_models(cfg, dataclasses.replace(paths, target_dir=None), dataset, manifest,
-                          cache, mesh, timer)
+    m = _build_ldm_models(cfg, paths, dataset, manifest, cache, mesh, timer, need_target=False)
     # The shadow LDM is the adversary's own model; the audited images come from the folder.
     src = m.attack_source if cfg.adversary.aux_mode == "shadow" else target
     return Models(target=target, attack_source=src, null=m.null, white_box=None)

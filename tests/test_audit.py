@@ -1,0 +1,160 @@
+"""The audit end to end at the ``ci`` preset: report files and schema, controls, same seed =>
+same numbers, variants (k, caption source, aux mode), and bad input.
+
+One session-scoped audit trains the models once (cached in a shared work dir); the variants
+reuse those models and only redo what their setting changes.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from t2i_mia.cli import RunPaths
+from t2i_mia.config import load_config
+from t2i_mia.errors import CheckpointError, ConfigError, DataError
+from t2i_mia.report.writer import validate_report
+
+pytestmark = pytest.mark.slow
+
+
+def _run(tmp, work, name, overrides=(), target_dir=None, target=None):
+    from t2i_mia.adversary.audit import run_audit
+    cfg = load_config("ci", list(overrides) + ([f"target={target}"] if target else []))
+    out = os.path.join(tmp, name)
+    paths = RunPaths(work_dir=work, out=out, target_dir=target_dir, data_dir=None)
+    return run_audit(cfg, paths, progress=False), out
+
+
+@pytest.fixture(scope="session")
+def audit_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("audit")
+    return str(root), str(root / "work")
+
+
+@pytest.fixture(scope="session")
+def base(audit_dirs):
+    tmp, work = audit_dirs
+    return _run(tmp, work, "base")
+
+
+def _numbers(report):
+    return {"attacks": report["attacks"], "controls": report["controls"],
+            "white_box_reference": report.get("white_box_reference")}
+
+
+def test_report_files_and_schema(base):
+    report, out = base
+    for f in ("report.json", "report.md", "roc.png", "samples.png", "manifest.json"):
+        assert os.path.isfile(os.path.join(out, f)), f
+    with open(os.path.join(out, "report.json")) as fh:
+        on_disk = json.load(fh)
+    validate_report(on_disk)
+    assert on_disk["n_eval"] == {"members": 64, "nonmembers": 64}
+    assert on_disk["k"] == 2 and on_disk["aux_mode"] == "shadow"
+    assert set(on_disk["attacks"]) == {"pixel", "semantic", "faithfulness", "combined"}
+    # TPR at 1% FPR needs >= 100 non-members: unmeasurable here, so null, never a number.
+    assert on_disk["attacks"]["combined"]["mlp"]["tpr_at_fpr_1e-2"] is None
+    assert on_disk["attacks"]["combined"]["mlp"]["min_resolvable_fpr"] == pytest.approx(1 / 64)
+    assert "pixel.mse.min" in on_disk["attacks"]["pixel"]["threshold"]
+    assert "white_box" in on_disk["white_box_reference"]["note"]
+    md = open(os.path.join(out, "report.md")).read()
+    assert "null_target" in md and "combined" in md
+    with open(os.path.join(out, "roc.png"), "rb") as fh:
+        assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_controls_contain_chance(base):
+    report, _ = base
+    for name in ("null_target", "shuffled_labels"):
+        lo, hi = report["controls"][name]["auc_ci"]
+        assert lo <= 0.5 <= hi, (name, report["controls"][name])
+
+
+def test_manifest_is_disjoint_and_matches_report(base):
+    from t2i_mia.data.splits import SplitManifest
+    report, out = base
+    m = SplitManifest.load(os.path.join(out, "manifest.json"))
+    m.check_disjoint()
+    assert m.sha256() == report["manifest_sha256"]
+    assert len(m.ids("target_members")) == 64
+
+
+def test_same_seed_same_numbers(base, audit_dirs):
+    tmp, work = audit_dirs
+    again, _ = _run(tmp, work, "again")
+    assert _numbers(again) == _numbers(base[0])
+
+
+def test_other_k_runs(base, audit_dirs):
+    tmp, work = audit_dirs
+    report, _ = _run(tmp, work, "k3", ["adversary.k=3"])
+    assert report["k"] == 3
+    validate_report(report)
+
+
+def test_captioner_runs_and_pool_excludes_evaluated_captions(base, audit_dirs):
+    tmp, work = audit_dirs
+    report, out = _run(tmp, work, "captioner", ["adversary.caption_source=captioner"])
+    assert report["caption_source"] == "captioner"
+    validate_report(report)
+
+
+def test_partial_knowledge_runs(base, audit_dirs):
+    tmp, work = audit_dirs
+    report, _ = _run(tmp, work, "partial", ["adversary.aux_mode=partial"])
+    assert report["aux_mode"] == "partial"
+    assert report["n_attack_train"] == {"members": 32, "nonmembers": 32}
+    validate_report(report)
+
+
+def test_generations_target_audit(base, audit_dirs, tmp_path):
+    """Images made elsewhere (here: by the trained target, via python -m t2i_mia.generate's
+    layout) audited through the generations target."""
+    from t2i_mia.data.images import save_png
+    from t2i_mia.data.splits import SplitManifest
+    tmp, work = audit_dirs
+    report, out = base
+    m = SplitManifest.load(os.path.join(out, "manifest.json"))
+    rng = np.random.default_rng(0)
+    gdir = tmp_path / "gens"
+    for i in m.ids("target_members") + m.ids("target_nonmembers"):
+        (gdir / str(i)).mkdir(parents=True)
+        for j in range(2):
+            save_png(gdir / str(i) / f"{j}.png", rng.integers(0, 255, (32, 32, 3), np.uint8))
+    rep, _ = _run(tmp, work, "gens", target_dir=str(gdir), target="generations")
+    validate_report(rep)
+    # Random images carry no membership signal.
+    lo, hi = rep["attacks"]["pixel"]["mlp"]["auc_ci"]
+    assert lo <= 0.5 <= hi
+    # A generations folder with a wrongly sized image is a clear error naming the file.
+    first = m.ids("target_members")[0]
+    save_png(gdir / str(first) / "1.png", np.zeros((16, 16, 3), np.uint8))
+    with pytest.raises(DataError, match=rf"{first}/1\.png.*expected 32x32"):
+        _run(tmp, work, "gens_bad", target_dir=str(gdir), target="generations")
+    os.remove(gdir / str(first) / "1.png")
+    with pytest.raises(DataError, match=rf"{first}/1\.png: missing"):
+        _run(tmp, work, "gens_missing", target_dir=str(gdir), target="generations")
+
+
+def test_too_small_attack_set_is_an_error(audit_dirs):
+    tmp, work = audit_dirs
+    with pytest.raises(DataError, match="attack_train set: 1 members"):
+        _run(tmp, work, "small", ["data.splits.shadow_members=1"])
+
+
+def test_empty_eval_set_is_an_error(audit_dirs):
+    tmp, work = audit_dirs
+    with pytest.raises(DataError, match="eval set: 0 members"):
+        _run(tmp, work, "empty", ["data.splits.target_members=0"])
+
+
+def test_encoder_folder_of_wrong_format(audit_dirs, tmp_path):
+    tmp, work = audit_dirs
+    (tmp_path / "enc").mkdir()
+    (tmp_path / "enc" / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises((CheckpointError, ConfigError), match="enc"):
+        _run(tmp, work, "enc", [f'adversary.encoder.dir="{tmp_path / "enc"}"'])
+    with pytest.raises(CheckpointError, match="encoder folder not found"):
+        _run(tmp, work, "enc2", [f'adversary.encoder.dir="{tmp_path / "nope"}"'])
