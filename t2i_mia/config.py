@@ -208,7 +208,7 @@ def _ci_tiny_ldm(size: str) -> LDMConfig:
         vocab_size=512, max_text_length=24, caption_dropout=0.1,
         vae_train=TrainConfig(steps=100 if small else 300, batch_size=32,
                               learning_rate=2e-3, warmup_steps=20, checkpoint_every=200),
-        train=TrainConfig(steps=400 if small else 4000, batch_size=32, learning_rate=3e-3,
+        train=TrainConfig(steps=1000 if small else 4000, batch_size=32, learning_rate=3e-3,
                           warmup_steps=50, checkpoint_every=500 if small else 1000),
         sample=DiffusionSampleConfig(num_inference_steps=10, guidance_scale=3.0, eta=0.0,
                                      batch_size=64 if small else 128),
@@ -265,8 +265,8 @@ def _preset_ci() -> Config:
     return Config(
         preset="ci",
         data=DataConfig(image_size=32, splits=SplitsConfig(
-            pretrain=256, target_members=64, target_nonmembers=64, target_known_members=32,
-            target_known_nonmembers=32, shadow_members=64, shadow_nonmembers=64,
+            pretrain=256, target_members=128, target_nonmembers=128, target_known_members=32,
+            target_known_nonmembers=32, shadow_members=128, shadow_nonmembers=128,
             auxiliary=256)),
         ldm=_ci_tiny_ldm("ci"), dalle=_ci_tiny_dalle("ci"),
         adversary=AdversaryConfig(k=2, encoder=_ci_tiny_encoder("ci"), n_bootstrap=200,
