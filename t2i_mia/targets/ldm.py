@@ -21,7 +21,7 @@ from t2i_mia.config import DiffusionSampleConfig
 from t2i_mia.models import autoencoder_kl, schedulers, unet as unet_lib
 from t2i_mia.models.clip import CLIPTextModel
 from t2i_mia.models.ldm import LDMComponents
-from t2i_mia.parallel.mesh import batch_sharding, replicated
+from t2i_mia.parallel.mesh import batch_sharding, pad_batch, replicated
 from t2i_mia.targets.protocol import image_keys
 from t2i_mia.training.ldm_train import diffusion_loss, encode_latents
 
@@ -122,8 +122,9 @@ class LDMTarget:
                       leave=False, dynamic_ncols=True):
             sl = slice(i, i + bs)
             m = len(keys[sl])
-            pad = lambda a: np.concatenate([a, np.repeat(a[-1:], bs - m, 0)]) if m < bs else a  # noqa: E731
-            out = self._sample(self.params, pad(tok_ids[sl]), pad(tok_mask[sl]), pad(keys[sl]))
+            # Pad the last batch to the fixed size so the sampler compiles once.
+            out = self._sample(self.params, *(pad_batch(a[sl], bs)[0]
+                                              for a in (tok_ids, tok_mask, keys)))
             outs.append(out[:m])
         images = jnp.concatenate(outs, axis=0)
         return images.reshape((n, k) + images.shape[1:])
@@ -154,7 +155,6 @@ class LDMTarget:
         for i in range(0, len(ids), bs):
             sl = slice(i, i + bs)
             m = len(keys[sl])
-            pad = lambda a: np.concatenate([a, np.repeat(a[-1:], bs - m, 0)]) if m < bs else a  # noqa: E731
-            out.append(np.asarray(self._loss(self.params, pad(latents[sl]), pad(tok_ids[sl]),
-                                             pad(tok_mask[sl]), pad(keys[sl])))[:m])
+            out.append(np.asarray(self._loss(self.params, *(
+                pad_batch(a[sl], bs)[0] for a in (latents, tok_ids, tok_mask, keys))))[:m])
         return np.concatenate(out)
