@@ -29,24 +29,14 @@ def train_model(cfg, work_dir: str, member_split: str = "target_members"):
 
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.model)
     cache = factory.ModelCache(work_dir)
-    s = cfg.data.splits
-    dataset = build_dataset(cfg, sum(vars(s).values()))
+    dataset = build_dataset(cfg, sum(vars(cfg.data.splits).values()))
     manifest = build_splits(cfg, dataset)
-    pre_ids = manifest.ids("pretrain")
-    pre_images, pre_captions = dataset.get_many(pre_ids)
-    pre_hash = factory.ids_hash(manifest.hashes("pretrain"))
-    vae = factory.train_or_load_autoencoder(cfg, pre_images, pre_hash, cache, mesh)
-    tok = factory.train_or_load_tokenizer(cfg, pre_captions, pre_hash, cache)
-    if member_split == "target_members":
-        ids, name = manifest.target_training_ids(), "target"
-        h = factory.ids_hash(manifest.hashes("target_members")
-                             + manifest.hashes("target_known_members"))
-    else:
-        ids, name = manifest.ids("shadow_members"), "shadow"
-        h = factory.ids_hash(manifest.hashes("shadow_members"))
-    images, captions = dataset.get_many(ids)
-    comps = factory.train_or_load_ldm(cfg, name, images, captions, h, vae, tok, cache, mesh)
-    return comps, manifest, len(ids)
+    name = "target" if member_split == "target_members" else "shadow"
+    base = factory.ldm_base(cfg, dataset, manifest, cache, mesh)
+    comps = factory.ldm_for(cfg, name, dataset, manifest, base, cache, mesh)
+    members = (manifest.target_training_ids() if name == "target"
+               else manifest.ids("shadow_members"))
+    return comps, manifest, len(members)
 
 
 def main(argv=None) -> int:

@@ -183,23 +183,14 @@ def test_memorisation_members_closer_than_nonmembers(base, audit_dirs):
     cache = factory.ModelCache(work)
     dataset = build_dataset(cfg, sum(vars(cfg.data.splits).values()))
     m = build_splits(cfg, dataset)
-    pre_im, pre_cap = dataset.get_many(m.ids("pretrain"))
     pre_hash = factory.ids_hash(m.hashes("pretrain"))
-    vae = factory.train_or_load_autoencoder(cfg, pre_im, pre_hash, cache, mesh)
-    tok = factory.train_or_load_tokenizer(cfg, pre_cap, pre_hash, cache)
     assert cache.done("vae", factory.cache_key(
         "vae", cfg.ldm.vae, cfg.ldm.vae_train.__dict__, cfg.ldm.vae_kl_weight, pre_hash,
         cfg.seed)), "the audit fixture's models should be reused, not retrained"
-
-    def model(name, ids, hashes):
-        im, cap = dataset.get_many(ids)
-        comps = factory.train_or_load_ldm(cfg, name, im, cap, factory.ids_hash(hashes), vae,
-                                          tok, cache, mesh)
-        return LDMTarget(comps, cfg.ldm.sample, seed=cfg.seed, mesh=mesh, name=name)
-
-    target = model("target", m.target_training_ids(),
-                   m.hashes("target_members") + m.hashes("target_known_members"))
-    null = model("shadow", m.ids("shadow_members"), m.hashes("shadow_members"))
+    base = factory.ldm_base(cfg, dataset, m, cache, mesh)
+    target, null = (LDMTarget(factory.ldm_for(cfg, name, dataset, m, base, cache, mesh),
+                              cfg.ldm.sample, seed=cfg.seed, mesh=mesh, name=name)
+                    for name in ("target", "shadow"))
     mem, non = m.ids("target_members"), m.ids("target_nonmembers")
     assert len(mem) >= 128 and len(non) >= 128
 

@@ -166,15 +166,8 @@ def _build_ldm_models(cfg: Config, paths: RunPaths, dataset, manifest, cache: Mo
     from t2i_mia.targets import factory
     from t2i_mia.targets.ldm import LDMTarget
 
-    def split(name):
-        ids = manifest.ids(name)
-        images, captions = dataset.get_many(ids)
-        return images, captions, factory.ids_hash(manifest.hashes(name))
-
-    pre_images, pre_captions, pre_hash = split("pretrain")
     with timer.phase("autoencoder"):
-        vae = factory.train_or_load_autoencoder(cfg, pre_images, pre_hash, cache, mesh)
-        tok = factory.train_or_load_tokenizer(cfg, pre_captions, pre_hash, cache)
+        base = factory.ldm_base(cfg, dataset, manifest, cache, mesh)
     sample = cfg.ldm.sample
     target = None
     if need_target:
@@ -186,19 +179,12 @@ def _build_ldm_models(cfg: Config, paths: RunPaths, dataset, manifest, cache: Mo
                         f"{paths.target_dir}: the model makes {comps.vae_cfg.sample_size}px "
                         f"images but data.image_size is {cfg.data.image_size}")
             else:
-                # Known members (partial-knowledge mode) are members too: the target trains
-                # on them.
-                im, cap = dataset.get_many(manifest.target_training_ids())
-                h = factory.ids_hash(manifest.hashes("target_members")
-                                     + manifest.hashes("target_known_members"))
-                comps = factory.train_or_load_ldm(cfg, "target", im, cap, h, vae, tok, cache,
-                                                  mesh)
+                comps = factory.ldm_for(cfg, "target", dataset, manifest, base, cache, mesh)
             target = LDMTarget(comps, sample, seed=cfg.seed, mesh=mesh, name="target")
     # One model trained on shadow_members: the shadow (shadow mode) and in every mode the
     # null target (its training data is disjoint from the evaluated members).
     with timer.phase("shadow" if cfg.adversary.aux_mode == "shadow" else "null_model"):
-        im, cap, h = split("shadow_members")
-        s_comps = factory.train_or_load_ldm(cfg, "shadow", im, cap, h, vae, tok, cache, mesh)
+        s_comps = factory.ldm_for(cfg, "shadow", dataset, manifest, base, cache, mesh)
         shadow = LDMTarget(s_comps, sample, seed=cfg.seed + 1, mesh=mesh, name="shadow")
     if cfg.adversary.aux_mode == "shadow":
         return Models(target=target, attack_source=shadow, null=shadow, white_box=shadow)
@@ -218,7 +204,6 @@ def _build_generations_models(cfg, paths, dataset, manifest, cache, mesh, timer)
 
 def run_audit(cfg: Config, paths: RunPaths, progress: bool = True) -> dict:
     """Runs the whole audit and writes the report files; returns the report dict."""
-    from t2i_mia.models.formats import write_json
     from t2i_mia.report.writer import format_table, write_report
 
     timer = Timer()

@@ -131,3 +131,30 @@ def train_or_load_ldm(cfg: Config, name: str, images: np.ndarray, captions: list
     save_stable_diffusion(folder, comps)
     cache.mark_done(f"ldm-{name}", key, {"trained_on": name, "n": int(len(images))})
     return comps
+
+
+def ldm_base(cfg: Config, dataset, manifest, cache: ModelCache, mesh: Mesh):
+    """The parts every LDM of an audit shares: the autoencoder and the caption tokenizer,
+    both trained on ``pretrain`` (cached). Returns ((vae_cfg, vae_params), tokenizer)."""
+    images, captions = dataset.get_many(manifest.ids("pretrain"))
+    h = ids_hash(manifest.hashes("pretrain"))
+    vae = train_or_load_autoencoder(cfg, images, h, cache, mesh)
+    tok = train_or_load_tokenizer(cfg, captions, h, cache)
+    return vae, tok
+
+
+def ldm_for(cfg: Config, name: str, dataset, manifest, base, cache: ModelCache, mesh: Mesh):
+    """The LDM called ``name`` trained on its members (cached): ``target`` on
+    target_members + target_known_members (known members are members too), ``shadow`` on
+    shadow_members. ``base`` is :func:`ldm_base`'s result."""
+    if name == "target":
+        ids = manifest.target_training_ids()
+        hashes = manifest.hashes("target_members") + manifest.hashes("target_known_members")
+    elif name == "shadow":
+        ids, hashes = manifest.ids("shadow_members"), manifest.hashes("shadow_members")
+    else:
+        raise ValueError(f"ldm_for: unknown model '{name}' (target or shadow)")
+    images, captions = dataset.get_many(ids)
+    vae, tok = base
+    return train_or_load_ldm(cfg, name, images, captions, ids_hash(hashes), vae, tok, cache,
+                             mesh)
