@@ -239,8 +239,8 @@ def run_audit(cfg: Config, paths: RunPaths, progress: bool = True) -> dict:
     elif cfg.target == "generations":
         models = _build_generations_models(cfg, paths, dataset, manifest, cache, mesh, timer)
     else:
-        raise ConfigError("--target dalle-mini: the DALL-E mini audit is not built in this "
-                          "version (its models load and generate: t2i_mia.models.dallebart)")
+        from t2i_mia.targets.dalle_mini import build_dalle_models
+        models = build_dalle_models(cfg, paths, dataset, manifest, cache, mesh, timer)
 
     with timer.phase("encoder"):
         from t2i_mia.adversary.encoder import load_encoder, train_or_load_encoder
