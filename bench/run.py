@@ -359,9 +359,6 @@ def bench_ddim(ctx: Ctx) -> Result:
     text_cfg = CLIPTextConfig.from_dict(L.text_encoder)
     vae_cfg = autoencoder_kl.AutoencoderKLConfig.from_dict(L.vae)
     sched = schedulers.SchedulerConfig.from_dict(L.scheduler)
-    if sched.prediction_type != "epsilon":
-        raise ValueError(f"ddim benchmark: prediction_type {sched.prediction_type!r}; the "
-                         "step baseline implements epsilon prediction")
     S = L.sample.num_inference_steps
     g = float(L.sample.guidance_scale)
     bs = ctx.batch or {"ci": 8, "tiny": 32, "paper": 16}[ctx.scale]
@@ -372,6 +369,7 @@ def bench_ddim(ctx: Ctx) -> Result:
     res = Result("ddim", config={
         "preset": cfg.preset, "batch_size": bs, "image_size": size, "latent_shape": list(lat_shape),
         "num_inference_steps": S, "guidance_scale": g, "eta": 0.0, "dtype": ctx.dtype_name,
+        "prediction_type": sched.prediction_type,
         "unet": L.unet, "vae": L.vae, "text_encoder": L.text_encoder,
         "includes": "text encoding, guided DDIM loop, VAE decode to uint8 (both variants)",
         "mesh": "1 device"})
@@ -422,18 +420,24 @@ def bench_ddim(ctx: Ctx) -> Result:
         ctx_c, ctx_u, x = encode(p, ids, mask, keys)
         return jnp.concatenate([ctx_u, ctx_c]), x
 
-    def step(p, x, i, context2):  # one DDIM step (eta = 0), as ddim_sample's loop body
+    def step(p, x, i, context2):  # one DDIM step (eta = 0): ddim_sample's loop body
         t = timesteps[i]
         b = x.shape[0]
         out2 = eps_fn(p, jnp.concatenate([x, x]), jnp.full((2 * b,), t, jnp.int32), context2)
         out = out2[:b] + g * (out2[b:] - out2[:b])
         a_t = acp[t]
+        b_t = 1.0 - a_t
         prev_t = t - stride
         a_prev = jnp.where(prev_t >= 0, acp[jnp.maximum(prev_t, 0)], final_acp)
-        x0 = (x - (1.0 - a_t) ** 0.5 * out) / a_t ** 0.5
+        if sched.prediction_type == "epsilon":
+            x0, eps = (x - b_t ** 0.5 * out) / a_t ** 0.5, out
+        elif sched.prediction_type == "v_prediction":
+            x0, eps = a_t ** 0.5 * x - b_t ** 0.5 * out, a_t ** 0.5 * out + b_t ** 0.5 * x
+        else:  # sample (x0) prediction
+            x0, eps = out, (x - a_t ** 0.5 * out) / b_t ** 0.5
         if sched.clip_sample:
             x0 = jnp.clip(x0, -sched.clip_sample_range, sched.clip_sample_range)
-        return a_prev ** 0.5 * x0 + (1.0 - a_prev) ** 0.5 * out
+        return a_prev ** 0.5 * x0 + (1.0 - a_prev) ** 0.5 * eps
 
     rng = np.random.default_rng(0)
     ids = jnp.asarray(random_ids(rng, bs, length, text_cfg.vocab_size))
