@@ -1,0 +1,438 @@
+"""The DALL-E mini target: text -> DalleBart image tokens (KV cache, super-conditioning) ->
+VQGAN ``decode_code`` -> uint8 images.
+
+Implements the target protocol. Tokens, decoding and quantisation to uint8 are one jitted
+function sharded over the mesh's ``data`` axis, run in batches of one fixed size (the last
+one padded), so it compiles once. The j-th image of query ``id`` draws its token at
+position t with ``fold_in(fold_in(fold_in(root, id), j), t)``, so images depend neither on
+batch size, order nor device count.
+
+Text: captions go through dalle-mini's normalisation (:func:`normalize_text`) when the
+DalleBart config says ``normalize_text`` (the public checkpoints do), exactly as dalle-mini's
+processor; models trained here set it false, since the synthetic and folder captions are
+plain lower-case text that the tokenizer's own normaliser (lower-case, whitespace) already
+handles, and training and sampling share :func:`tokenize_captions` either way. A caption
+longer than ``max_text_length`` tokens (begin/end ids included) is truncated to it, ending
+in the end-of-text id, with a logged warning (:func:`fit_token_ids`). The unconditional
+input of super-conditioning is the empty caption tokenised without normalisation (as
+dalle-mini's processor makes it); models trained here see it through caption dropout.
+
+Folder layout (:func:`load_dalle_mini` / :func:`save_dalle_mini`): ``vqgan/`` (vqgan-jax
+``config.json`` + ``flax_model.msgpack``), ``dallebart/`` (dalle-mini ``config.json`` +
+``flax_model.msgpack``) and ``tokenizer/`` (:class:`TextTokenizer` files: ``tokenizer.json``
+or dalle-mini's ``vocab.json`` + ``merges.txt``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import math
+import os
+import tempfile
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+from tqdm.auto import tqdm
+
+from t2i_mia.config import Config, DalleSampleConfig
+from t2i_mia.errors import ConfigError, DataError
+from t2i_mia.models import dallebart as db
+from t2i_mia.models import vqgan as vq
+from t2i_mia.models.text_normalize import fit_token_ids, normalize_text
+from t2i_mia.models.tokenizer import TextTokenizer
+from t2i_mia.parallel.mesh import batch_sharding, replicated
+from t2i_mia.targets.ldm import to_uint8
+from t2i_mia.targets.protocol import image_keys
+from t2i_mia.training.dalle_train import (encode_tokens, token_nll, train_dallebart,
+                                          train_vqgan, vqgan_stats)
+
+log = logging.getLogger(__name__)
+PyTree = Any
+
+# Used while DalleConfig has no ``caption_dropout`` key (LDMConfig's default).
+CAPTION_DROPOUT = 0.1
+
+
+@dataclasses.dataclass
+class DalleMiniComponents:
+    """Everything a DALL-E mini model consists of."""
+    vqgan_cfg: vq.VQGANConfig
+    vqgan_params: PyTree
+    bart_cfg: db.DalleBartConfig
+    bart_params: PyTree
+    tokenizer: TextTokenizer
+
+
+def check_components(vqgan_cfg: vq.VQGANConfig, bart_cfg: db.DalleBartConfig,
+                     tokenizer: TextTokenizer, where: str = "dalle-mini") -> int:
+    """ConfigError unless the parts fit together; returns the image side in pixels."""
+    if bart_cfg.image_vocab_size > vqgan_cfg.n_embed:
+        raise ConfigError(f"{where}: dallebart image_vocab_size = {bart_cfg.image_vocab_size} "
+                          f"exceeds the VQGAN codebook (n_embed = {vqgan_cfg.n_embed})")
+    side = math.isqrt(bart_cfg.image_length)
+    if side * side != bart_cfg.image_length:
+        raise ConfigError(f"{where}: dallebart image_length = {bart_cfg.image_length} is not a "
+                          "square token grid (the VQGAN decodes h x h codes)")
+    if tokenizer.vocab_size > bart_cfg.encoder_vocab_size:
+        raise ConfigError(f"{where}: the tokenizer has {tokenizer.vocab_size} ids but dallebart "
+                          f"encoder_vocab_size = {bart_cfg.encoder_vocab_size}")
+    return side * vqgan_cfg.downsample_factor
+
+
+def with_max_length(tokenizer: TextTokenizer, max_length: int) -> TextTokenizer:
+    """A copy of ``tokenizer`` that builds rows of ``max_length`` (through its own files)."""
+    with tempfile.TemporaryDirectory(prefix="t2i_mia_tok_") as d:
+        tokenizer.save(d)
+        return TextTokenizer.from_folder(d, max_length=max_length)
+
+
+def tokenize_captions(captions: Sequence[str], tokenizer: TextTokenizer,
+                      cfg: db.DalleBartConfig, *, normalize: bool | None = None,
+                      long_tokenizer: TextTokenizer | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """captions -> (ids int32[N, max_text_length], mask int32[N, max_text_length]).
+
+    Normalised with dalle-mini's rules when ``normalize`` (default: ``cfg.normalize_text``).
+    Rows longer than ``max_text_length`` are truncated with a warning (fit_token_ids).
+    ``long_tokenizer``: ``tokenizer`` with max_length = max_text_length + 1 (made here if
+    None; pass one to avoid re-making it at every call).
+    """
+    if isinstance(captions, str) or not all(isinstance(c, str) for c in captions):
+        raise DataError("tokenize_captions: expected a list of str captions")
+    captions = list(captions)
+    if normalize if normalize is not None else cfg.normalize_text:
+        captions = [normalize_text(c) for c in captions]
+    L = cfg.max_text_length
+    long_tok = long_tokenizer or with_max_length(tokenizer, L + 1)
+    ids, mask = long_tok.encode(captions)  # one more column than allowed: detects overflow
+    over = np.flatnonzero(mask.sum(axis=1) > L)
+    out_ids, out_mask = ids[:, :L].copy(), mask[:, :L].copy()
+    for i in over:
+        out_ids[i], out_mask[i] = fit_token_ids(
+            ids[i][mask[i] > 0], L, eos_token_id=long_tok.eos_id,
+            pad_token_id=long_tok.pad_id, where=f"caption {i} ({captions[i][:48]!r}...)")
+    return out_ids, out_mask
+
+
+def empty_caption(tokenizer: TextTokenizer, cfg: db.DalleBartConfig
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """The unconditional input int32[max_text_length] x 2: "" tokenised, not normalised."""
+    ids, mask = tokenize_captions([""], tokenizer, cfg, normalize=False)
+    return ids[0], mask[0]
+
+
+class DalleMiniTarget:
+    """A DALL-E mini model behind the black-box boundary.
+
+    Args:
+      vqgan_cfg, vqgan_params, bart_cfg, bart_params, tokenizer: the model.
+      sample: top_k (0 = off), top_p (1 = off), temperature, condition_scale (1 = no
+        super-conditioning), batch_size (rows per compiled call, rounded to the mesh).
+      seed: root seed of the per-image keys.
+      mesh: device mesh; rows are sharded over its ``data`` axis.
+    """
+
+    def __init__(self, vqgan_cfg: vq.VQGANConfig, vqgan_params: PyTree,
+                 bart_cfg: db.DalleBartConfig, bart_params: PyTree, tokenizer: TextTokenizer,
+                 sample: DalleSampleConfig, seed: int, mesh: Mesh, name: str = "dalle-mini"):
+        self.image_size = check_components(vqgan_cfg, bart_cfg, tokenizer, f"target {name}")
+        if sample.top_k < 0:
+            raise ConfigError(f"dalle.sample.top_k = {sample.top_k}: expected >= 0 (0 = off)")
+        if not 0.0 < sample.top_p <= 1.0:
+            raise ConfigError(f"dalle.sample.top_p = {sample.top_p}: expected (0, 1]")
+        if not sample.temperature > 0:
+            raise ConfigError(f"dalle.sample.temperature = {sample.temperature}: expected > 0")
+        self.vqgan_cfg, self.bart_cfg = vqgan_cfg, bart_cfg
+        self.tokenizer = tokenizer
+        self.sample_cfg = sample
+        self.mesh = mesh
+        self.name = name
+        self.root_key = jax.random.PRNGKey(seed)
+        n_data = mesh.shape["data"]
+        self.batch_size = max(n_data, sample.batch_size // n_data * n_data)
+        self._long_tok = with_max_length(tokenizer, bart_cfg.max_text_length + 1)
+        self.uncond = empty_caption(tokenizer, bart_cfg)
+        self.params = jax.device_put({"vqgan": vqgan_params, "bart": bart_params},
+                                     replicated(mesh))
+        self._sample = self._build_sampler()
+        self._nll = None
+
+    @classmethod
+    def from_components(cls, comps: DalleMiniComponents, sample: DalleSampleConfig, seed: int,
+                        mesh: Mesh, name: str = "dalle-mini") -> "DalleMiniTarget":
+        return cls(comps.vqgan_cfg, comps.vqgan_params, comps.bart_cfg, comps.bart_params,
+                   comps.tokenizer, sample, seed, mesh, name)
+
+    def encode_text(self, captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """captions -> (ids, mask) int32[N, max_text_length], as the model was trained."""
+        return tokenize_captions(captions, self.tokenizer, self.bart_cfg,
+                                 long_tokenizer=self._long_tok)
+
+    def _build_sampler(self):
+        s, bcfg = self.sample_cfg, self.bart_cfg
+        top_k = s.top_k if s.top_k > 0 else None
+        top_p = s.top_p if s.top_p < 1.0 else None
+        guided = s.condition_scale != 1.0
+        u_ids, u_mask = (jnp.asarray(a)[None] for a in self.uncond)
+        model = vq.VQModel(self.vqgan_cfg)
+
+        def sample(params, ids, mask, keys):
+            """ids/mask int32[B,L], keys uint32[B,2] -> (uint8[B,H,W,3], int32[B,n])."""
+            kw = {}
+            if guided:
+                kw = dict(uncond_input_ids=u_ids, uncond_attention_mask=u_mask,
+                          condition_scale=s.condition_scale)
+            seq = db.generate(params["bart"], bcfg, ids, mask, keys, top_k=top_k, top_p=top_p,
+                              temperature=s.temperature, **kw)
+            tokens = seq[:, 1:]
+            images = model.apply({"params": params["vqgan"]}, tokens,
+                                 method=vq.VQModel.decode_code)
+            return to_uint8(images), tokens
+
+        bs = batch_sharding(self.mesh, 2)
+        return jax.jit(sample, in_shardings=(replicated(self.mesh), bs, bs, bs),
+                       out_shardings=(batch_sharding(self.mesh, 4), bs))
+
+    def generate_with_tokens(self, captions: Sequence[str], ids: Sequence[int], k: int,
+                             progress: bool = True) -> tuple[jax.Array, jax.Array]:
+        """(uint8[N,k,H,W,3], int32[N,k,image_length]) on device: images and their tokens."""
+        if len(captions) != len(ids):
+            raise DataError(f"generate: {len(captions)} captions for {len(ids)} ids")
+        if not isinstance(k, (int, np.integer)) or k < 1:
+            raise DataError(f"generate: k = {k!r}, expected an integer >= 1")
+        n = len(ids)
+        tok_ids, tok_mask = self.encode_text(captions)
+        keys = np.asarray(image_keys(self.root_key, ids, k)).reshape(n * k, 2)
+        tok_ids = np.repeat(tok_ids, k, axis=0)
+        tok_mask = np.repeat(tok_mask, k, axis=0)
+        bs = self.batch_size
+        imgs, toks = [], []
+        for i in tqdm(range(0, n * k, bs), desc=f"generate[{self.name}]", disable=not progress,
+                      leave=False, dynamic_ncols=True):
+            sl = slice(i, i + bs)
+            m = len(keys[sl])
+            pad = lambda a: np.concatenate([a, np.repeat(a[-1:], bs - m, 0)]) if m < bs else a  # noqa: E731
+            im, tk = self._sample(self.params, pad(tok_ids[sl]), pad(tok_mask[sl]),
+                                  pad(keys[sl]))
+            imgs.append(im[:m])
+            toks.append(tk[:m])
+        h = self.image_size
+        if not imgs:
+            return (jnp.zeros((0, k, h, h, 3), jnp.uint8),
+                    jnp.zeros((0, k, self.bart_cfg.image_length), jnp.int32))
+        images = jnp.concatenate(imgs, axis=0)
+        tokens = jnp.concatenate(toks, axis=0)
+        return (images.reshape((n, k) + images.shape[1:]),
+                tokens.reshape(n, k, tokens.shape[-1]))
+
+    def generate(self, captions: Sequence[str], ids: Sequence[int], k: int,
+                 progress: bool = True) -> jax.Array:
+        """uint8[N,k,H,W,3] on device: k images per caption (the target protocol)."""
+        return self.generate_with_tokens(captions, ids, k, progress)[0]
+
+    def white_box_loss(self, images: np.ndarray, captions: Sequence[str],
+                       ids: Sequence[int]) -> np.ndarray:
+        """f32[N]: teacher-forced NLL per image token of the query's VQGAN tokens given its
+        caption (no guidance, no randomness; ``ids`` only for the protocol). Lower = more
+        member-like. Outside the black-box threat model: a labelled upper-bound reference."""
+        if not len(images) == len(captions) == len(ids):
+            raise DataError(f"white_box_loss: {len(images)} images, {len(captions)} captions, "
+                            f"{len(ids)} ids; expected equal counts")
+        images = np.asarray(images)
+        if images.shape[1:3] != (self.image_size, self.image_size):
+            raise DataError(f"white_box_loss: images {images.shape}, expected "
+                            f"[N, {self.image_size}, {self.image_size}, 3] (the model's size)")
+        tokens = encode_tokens(self.vqgan_cfg, self.params["vqgan"], images, self.mesh)
+        tok_ids, tok_mask = self.encode_text(captions)
+        if self._nll is None:
+            bs = batch_sharding(self.mesh, 2)
+            cfg = self.bart_cfg
+            self._nll = jax.jit(lambda p, i, m, t: token_nll(cfg, p, i, m, t),
+                                in_shardings=(replicated(self.mesh), bs, bs, bs),
+                                out_shardings=batch_sharding(self.mesh, 1))
+        bs = self.batch_size
+        out = []
+        for i in range(0, len(tokens), bs):
+            sl = slice(i, i + bs)
+            m = len(tokens[sl])
+            pad = lambda a: np.concatenate([a, np.repeat(a[-1:], bs - m, 0)]) if m < bs else a  # noqa: E731
+            out.append(np.asarray(self._nll(self.params["bart"], pad(tok_ids[sl]),
+                                            pad(tok_mask[sl]), pad(tokens[sl])))[:m])
+        return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+
+# ----------------------------------------------------------------------------- folders
+
+VQGAN_DIR, BART_DIR, TOKENIZER_DIR = "vqgan", "dallebart", "tokenizer"
+
+
+def load_dalle_mini(folder: str | os.PathLike) -> DalleMiniComponents:
+    """Reads ``vqgan/``, ``dallebart/`` and ``tokenizer/`` of a DALL-E mini folder. The
+    tokenizer builds rows of the model's ``max_text_length``. Errors name the file at fault."""
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        raise ConfigError(f"{folder}: not a folder (expected a DALL-E mini folder with "
+                          f"{VQGAN_DIR}/, {BART_DIR}/ and {TOKENIZER_DIR}/)")
+    for sub in (VQGAN_DIR, BART_DIR, TOKENIZER_DIR):
+        if not os.path.isdir(os.path.join(folder, sub)):
+            raise ConfigError(f"{folder}: no {sub}/ sub-folder (a DALL-E mini folder holds "
+                              f"{VQGAN_DIR}/, {BART_DIR}/ and {TOKENIZER_DIR}/)")
+    vqgan_cfg, vqgan_params = vq.load_vqgan(os.path.join(folder, VQGAN_DIR))
+    bart_cfg, bart_params = db.load_dallebart(os.path.join(folder, BART_DIR))
+    tokenizer = TextTokenizer.from_folder(os.path.join(folder, TOKENIZER_DIR),
+                                          max_length=bart_cfg.max_text_length)
+    check_components(vqgan_cfg, bart_cfg, tokenizer, folder)
+    return DalleMiniComponents(vqgan_cfg, vqgan_params, bart_cfg, bart_params, tokenizer)
+
+
+def save_dalle_mini(folder: str | os.PathLike, comps: DalleMiniComponents) -> None:
+    """Writes the three sub-folders (each file atomically)."""
+    folder = os.fspath(folder)
+    check_components(comps.vqgan_cfg, comps.bart_cfg, comps.tokenizer, folder)
+    vq.save_vqgan(os.path.join(folder, VQGAN_DIR), comps.vqgan_cfg, comps.vqgan_params)
+    db.save_dallebart(os.path.join(folder, BART_DIR), comps.bart_cfg, comps.bart_params)
+    comps.tokenizer.save(os.path.join(folder, TOKENIZER_DIR))
+
+
+# ----------------------------------------------------------------------------- training + cache
+
+def _bart_config(cfg: Config, vqgan_cfg: vq.VQGANConfig, tokenizer: TextTokenizer
+                 ) -> db.DalleBartConfig:
+    """``dalle.bart`` checked against the VQGAN, the image size and the tokenizer."""
+    bart = db.DalleBartConfig.from_dict(dict(cfg.dalle.bart), "config 'dalle.bart'")
+    if bart.image_vocab_size != vqgan_cfg.n_embed:
+        raise ConfigError(f"config 'dalle.bart.image_vocab_size' = {bart.image_vocab_size} must "
+                          f"equal 'dalle.vqgan.n_embed' = {vqgan_cfg.n_embed}")
+    side = cfg.data.image_size // vqgan_cfg.downsample_factor
+    if bart.image_length != side * side:
+        raise ConfigError(f"config 'dalle.bart.image_length' = {bart.image_length}: "
+                          f"{cfg.data.image_size}px images make {side}x{side} = {side * side} "
+                          f"tokens with the VQGAN's factor {vqgan_cfg.downsample_factor}")
+    if tokenizer.vocab_size > bart.encoder_vocab_size:
+        raise ConfigError(f"config 'dalle.bart.encoder_vocab_size' = {bart.encoder_vocab_size} "
+                          f"is below the tokenizer's {tokenizer.vocab_size} ids "
+                          "('dalle.vocab_size')")
+    return bart
+
+
+def train_or_load_vqgan(cfg: Config, images: np.ndarray, images_hash: str, cache, mesh: Mesh
+                        ) -> tuple[vq.VQGANConfig, PyTree, str]:
+    """The VQGAN shared by target and shadow, trained on ``pretrain``; returns (config,
+    params, its cache key)."""
+    from t2i_mia.targets.factory import cache_key
+    vqgan_cfg = vq.VQGANConfig.from_dict(dict(cfg.dalle.vqgan), "config 'dalle.vqgan'")
+    vq.check_image_size(vqgan_cfg, (1, cfg.data.image_size, cfg.data.image_size, 3),
+                        f"data.image_size = {cfg.data.image_size}")
+    key = cache_key("vqgan", cfg.dalle.vqgan, cfg.dalle.vqgan_train.__dict__, images_hash,
+                    cfg.seed, cfg.data.image_size)
+    folder = cache.model_dir("vqgan", key)
+    if cache.done("vqgan", key):
+        log.info("vqgan: cached %s", folder)
+        c, p = vq.load_vqgan(folder)
+        return c, p, key
+    params = train_vqgan(vqgan_cfg, images, cfg.dalle.vqgan_train, seed=cfg.seed, mesh=mesh,
+                         ckpt_dir=cache.ckpt_dir("vqgan", key))
+    vq.save_vqgan(folder, vqgan_cfg, params)
+    stats = vqgan_stats(vqgan_cfg, params, images[: min(len(images), 512)], mesh)
+    cache.mark_done("vqgan", key, {"trained_on": "pretrain", "n": int(len(images)), **stats})
+    return vqgan_cfg, params, key
+
+
+def train_or_load_dalle_tokenizer(cfg: Config, captions: list[str], captions_hash: str, cache
+                                  ) -> TextTokenizer:
+    """A BPE on the ``pretrain`` captions (shared by target and shadow), rows of
+    ``dalle.bart.max_text_length``."""
+    from t2i_mia.targets.factory import cache_key
+    bart = db.DalleBartConfig.from_dict(dict(cfg.dalle.bart), "config 'dalle.bart'")
+    key = cache_key("dalle-tokenizer", cfg.dalle.vocab_size, bart.max_text_length,
+                    bart.normalize_text, captions_hash)
+    folder = cache.model_dir("dalle-tokenizer", key)
+    if cache.done("dalle-tokenizer", key):
+        return TextTokenizer.from_folder(folder)
+    if bart.normalize_text:
+        captions = [normalize_text(c) for c in captions]
+    tok = TextTokenizer.train(captions, vocab_size=cfg.dalle.vocab_size,
+                              max_length=bart.max_text_length)
+    tok.save(folder)
+    cache.mark_done("dalle-tokenizer", key, {"trained_on": "pretrain captions"})
+    return tok
+
+
+def train_or_load_dalle(cfg: Config, name: str, images: np.ndarray, captions: list[str],
+                        members_hash: str, vqgan: tuple, tokenizer: TextTokenizer, cache,
+                        mesh: Mesh) -> DalleMiniComponents:
+    """A DalleBart trained on ``images``/``captions`` (a model's members) over the shared
+    VQGAN and tokenizer; cached as a DALL-E mini folder."""
+    from t2i_mia.targets.factory import cache_key
+    vqgan_cfg, vqgan_params, vqgan_key = vqgan
+    bart = _bart_config(cfg, vqgan_cfg, tokenizer)
+    dropout = getattr(cfg.dalle, "caption_dropout", CAPTION_DROPOUT)
+    key = cache_key("dalle", cfg.dalle.bart, cfg.dalle.vocab_size, cfg.dalle.train.__dict__,
+                    dropout, vqgan_key, members_hash, cfg.seed, cfg.data.image_size)
+    folder = cache.model_dir(f"dalle-{name}", key)
+    if cache.done(f"dalle-{name}", key):
+        log.info("dalle-mini %s: cached %s", name, folder)
+        return load_dalle_mini(folder)
+    tokens = encode_tokens(vqgan_cfg, vqgan_params, images, mesh)
+    ids, mask = tokenize_captions(captions, tokenizer, bart)
+    u_ids, u_mask = empty_caption(tokenizer, bart)
+    # A different seed per model so target and shadow are independent draws.
+    seed = cfg.seed * 1000 + (int(hashlib.sha256(name.encode()).hexdigest(), 16) % 997)
+    params = train_dallebart(bart, ids, mask, tokens, u_ids, u_mask, cfg.dalle.train,
+                             caption_dropout=dropout, seed=seed, mesh=mesh,
+                             ckpt_dir=cache.ckpt_dir(f"dalle-{name}", key))
+    comps = DalleMiniComponents(vqgan_cfg, vqgan_params, bart, params, tokenizer)
+    save_dalle_mini(folder, comps)
+    cache.mark_done(f"dalle-{name}", key, {"trained_on": name, "n": int(len(images))})
+    return comps
+
+
+def build_dalle_models(cfg: Config, paths, dataset, manifest, cache, mesh: Mesh, timer):
+    """The audit's models for ``--target dalle-mini`` (mirrors the LDM's): a VQGAN and a BPE
+    tokenizer trained on ``pretrain``; the target trained on
+    ``manifest.target_training_ids()`` (or loaded from ``paths.target_dir``); one model on
+    ``shadow_members`` that is the shadow (aux_mode shadow) and in every mode the null
+    target. Returns :class:`t2i_mia.adversary.audit.Models`."""
+    from t2i_mia.adversary.audit import Models
+    from t2i_mia.targets import factory
+
+    def split(name):
+        ids = manifest.ids(name)
+        images, captions = dataset.get_many(ids)
+        return images, captions, factory.ids_hash(manifest.hashes(name))
+
+    pre_images, pre_captions, pre_hash = split("pretrain")
+    with timer.phase("autoencoder"):
+        vqgan = train_or_load_vqgan(cfg, pre_images, pre_hash, cache, mesh)
+        tok = train_or_load_dalle_tokenizer(cfg, pre_captions, pre_hash, cache)
+    sample = cfg.dalle.sample
+    with timer.phase("target"):
+        if paths.target_dir:
+            comps = load_dalle_mini(paths.target_dir)
+            size = check_components(comps.vqgan_cfg, comps.bart_cfg, comps.tokenizer,
+                                    paths.target_dir)
+            if size != cfg.data.image_size:
+                raise ConfigError(f"{paths.target_dir}: the model makes {size}px images but "
+                                  f"data.image_size is {cfg.data.image_size}")
+        else:
+            # Known members (partial-knowledge mode) are members too: the target trains on them.
+            ids = manifest.target_training_ids()
+            im, cap = dataset.get_many(ids)
+            h = factory.ids_hash(manifest.hashes("target_members")
+                                 + manifest.hashes("target_known_members"))
+            comps = train_or_load_dalle(cfg, "target", im, cap, h, vqgan, tok, cache, mesh)
+        target = DalleMiniTarget.from_components(comps, sample, seed=cfg.seed, mesh=mesh,
+                                                 name="target")
+    with timer.phase("shadow" if cfg.adversary.aux_mode == "shadow" else "null_model"):
+        im, cap, h = split("shadow_members")
+        s_comps = train_or_load_dalle(cfg, "shadow", im, cap, h, vqgan, tok, cache, mesh)
+        shadow = DalleMiniTarget.from_components(s_comps, sample, seed=cfg.seed + 1, mesh=mesh,
+                                                 name="shadow")
+    if cfg.adversary.aux_mode == "shadow":
+        return Models(target=target, attack_source=shadow, null=shadow, white_box=shadow)
+    return Models(target=target, attack_source=target, null=shadow, white_box=target)

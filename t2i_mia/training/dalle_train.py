@@ -1,0 +1,305 @@
+"""Training of the DALL-E mini target: the VQGAN (images -> tokens), then DalleBart (text ->
+image tokens).
+
+Both use the shared pure-step pattern (:mod:`t2i_mia.training.loop`): ``jax.jit`` over the
+mesh with the state donated, batches that are a pure function of the step, orbax
+checkpoints and resume.
+
+A small VQGAN trained from scratch collapses onto a handful of codes when its codebook
+starts at taming's uniform +-1/n (every encoder output is nearest to the same few entries
+and the others never receive a gradient). :func:`train_vqgan` therefore keeps an EMA of
+each code's usage inside the training state and, every ``restart_every`` steps, replaces
+the codes whose usage fell below ``dead_threshold`` of the uniform rate by encoder outputs
+drawn from the current batch. At step 0 every code counts as dead, so this is also the
+codebook's initialisation from encoder outputs. Restarts stop after ``restart_until`` of
+the run so the decoder settles on the final codebook. All of it is part of the jitted
+step, a function of the state and the batch alone, so resume stays bitwise.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from t2i_mia.config import TrainConfig
+from t2i_mia.errors import DataError
+from t2i_mia.models import dallebart as db
+from t2i_mia.models import vqgan as vq
+from t2i_mia.parallel.mesh import batch_sharding, replicated
+from t2i_mia.training.ldm_train import _round_batch, make_optimizer, to_unit_range
+from t2i_mia.training.loop import (create_train_state, epoch_batches, jit_train_step,
+                                   make_train_step, run_training)
+
+log = logging.getLogger(__name__)
+PyTree = Any
+
+
+# ----------------------------------------------------------------------------- VQGAN
+
+def vq_objective(cfg: vq.VQGANConfig, params: PyTree, pixel_values: jax.Array, *,
+                 beta: float = 0.25) -> tuple[jax.Array, dict, dict]:
+    """:func:`t2i_mia.models.vqgan.vqgan_loss`'s objective (L1 + MSE + codebook + beta *
+    commitment, straight-through) that also returns the forward's ``aux`` (``z_e``, ``z_q``,
+    ``indices``), which the codebook restarts need. Returns ``(loss, metrics, aux)``."""
+    x_hat, aux = vq.VQModel(cfg).apply({"params": params}, pixel_values)
+    l1 = jnp.mean(jnp.abs(pixel_values - x_hat))
+    mse = jnp.mean((pixel_values - x_hat) ** 2)
+    codebook = jnp.mean((jax.lax.stop_gradient(aux["z_e"]) - aux["z_q"]) ** 2)
+    commitment = jnp.mean((aux["z_e"] - jax.lax.stop_gradient(aux["z_q"])) ** 2)
+    loss = l1 + mse + codebook + beta * commitment
+    psnr = 10.0 * jnp.log10(4.0 / jnp.maximum(mse, 1e-12))  # images in [-1, 1]
+    metrics = {"l1": l1, "mse": mse, "codebook": codebook, "commitment": commitment,
+               "psnr": psnr}
+    return loss, metrics, aux
+
+
+def _restart_codes(table, usage, z_flat, key, do_restart, dead_threshold):
+    """Replaces rows of ``table`` f32[n,E] whose ``usage`` f32[n] (1.0 = the uniform rate) is
+    below ``dead_threshold`` by rows of ``z_flat`` f32[M,E] (distinct rows when M >= n), when
+    ``do_restart``; restarted codes get usage 1."""
+    n, m = table.shape[0], z_flat.shape[0]
+    if m >= n:
+        pick = jax.random.permutation(key, m)[:n]
+    else:
+        pick = jax.random.randint(key, (n,), 0, m)
+    dead = jnp.logical_and(do_restart, usage < dead_threshold)
+    table = jnp.where(dead[:, None], z_flat[pick].astype(table.dtype), table)
+    usage = jnp.where(dead, 1.0, usage)
+    return table, usage, jnp.sum(dead)
+
+
+def train_vqgan(cfg: vq.VQGANConfig, images: np.ndarray, tc: TrainConfig, *, seed: int,
+                mesh: Mesh, ckpt_dir: str | None, beta: float = 0.25,
+                restart_every: int = 25, restart_until: float = 0.8,
+                dead_threshold: float = 0.03, usage_decay: float = 0.95) -> PyTree:
+    """Trains a VQGAN on uint8[N,H,W,3] images (the ``pretrain`` split); returns its params.
+
+    Args:
+      restart_every, restart_until, dead_threshold, usage_decay: dead-code restarts (module
+        docstring): every ``restart_every`` steps while ``step < restart_until * steps``,
+        codes whose usage EMA (decay ``usage_decay``, 1.0 = uniform usage) is below
+        ``dead_threshold`` are replaced by encoder outputs of the batch.
+    Logs codebook usage and reconstruction PSNR at the end (see :func:`vqgan_stats`).
+    """
+    images = np.asarray(images)
+    vq.check_image_size(cfg, images.shape, "train_vqgan: images")
+    if images.dtype != np.uint8:
+        raise DataError(f"train_vqgan: images are {images.dtype}, expected uint8 [N,H,W,3]")
+    bs = _round_batch(tc.batch_size, mesh)
+    n_codes = cfg.n_embed
+    tokens_per_image = (images.shape[1] // cfg.downsample_factor) ** 2
+    m = bs * tokens_per_image
+    until = int(restart_until * tc.steps)
+    params = {"vq": vq.init_vqgan(cfg, jax.random.PRNGKey(seed), image_size=images.shape[1]),
+              "usage": jnp.zeros((n_codes,), jnp.float32)}
+    # The usage EMA rides in the params tree (so it is checkpointed) but is not optimised.
+    tx = optax.multi_transform({"train": make_optimizer(tc), "frozen": optax.set_to_zero()},
+                               {"vq": "train", "usage": "frozen"})
+    state = create_train_state(params, tx, jax.random.PRNGKey(seed + 1), ema=False)
+
+    def loss_fn(p, batch, rng):
+        loss, metrics, aux = vq_objective(cfg, p["vq"], to_unit_range(batch["image"]),
+                                          beta=beta)
+        metrics["_z"] = jax.lax.stop_gradient(aux["z_e"]).reshape(-1, cfg.embed_dim)
+        metrics["_counts"] = jnp.bincount(aux["indices"].reshape(-1), length=n_codes)
+        return loss, metrics
+
+    base_step = make_train_step(loss_fn, tx)
+
+    def train_step(st, batch):
+        step = st.step
+        st, metrics = base_step(st, batch)
+        z, counts = metrics.pop("_z"), metrics.pop("_counts")
+        rate = counts.astype(jnp.float32) * (n_codes / m)  # 1.0 = uniform usage
+        usage = usage_decay * st.params["usage"] + (1.0 - usage_decay) * rate
+        do = jnp.logical_and(step % restart_every == 0, step < until)
+        key = jax.random.fold_in(jax.random.fold_in(st.rng, step), 1)
+        table = st.params["vq"]["quantize"]["embedding"]["embedding"]
+        table, usage, n_dead = _restart_codes(table, usage, z, key, do, dead_threshold)
+        vq_p = dict(st.params["vq"])
+        vq_p["quantize"] = {"embedding": {"embedding": table}}
+        metrics["codes_restarted"] = n_dead
+        metrics["codes_used"] = jnp.sum(counts > 0)
+        return st.replace(params={"vq": vq_p, "usage": usage}), metrics
+
+    index = epoch_batches(len(images), bs, seed)
+    batch_fn = lambda step: {"image": images[index(step)]}  # noqa: E731
+    step_fn = jit_train_step(train_step, mesh, state, batch_fn(0))
+    state, history = run_training(state=state, train_step=step_fn, batch_fn=batch_fn,
+                                  num_steps=tc.steps, mesh=mesh, ckpt_dir=ckpt_dir,
+                                  checkpoint_every=tc.checkpoint_every, desc="vqgan")
+    params = jax.device_get(state.params["vq"])
+    stats = vqgan_stats(cfg, params, images[: min(len(images), 512)], mesh)
+    log.info("vqgan: %d steps, reconstruction PSNR %.2f dB, %d/%d codes used (perplexity "
+             "%.1f) on %d pretrain images", tc.steps, stats["psnr"], stats["codes_used"],
+             n_codes, stats["perplexity"], stats["n"])
+    return params
+
+
+def _pad_rows(a: np.ndarray, n: int) -> np.ndarray:
+    return a if len(a) == n else np.concatenate([a, np.repeat(a[-1:], n - len(a), 0)])
+
+
+def _encode_decode_fn(cfg: vq.VQGANConfig, mesh: Mesh):
+    model = vq.VQModel(cfg)
+
+    def run(p, x_u8):
+        x = to_unit_range(x_u8)
+        z_q, idx = model.apply({"params": p}, x, method=vq.VQModel.encode)
+        rec = model.apply({"params": p}, z_q, method=vq.VQModel.decode)
+        return idx, jnp.mean((x - rec) ** 2, axis=(1, 2, 3))
+
+    return jax.jit(run, in_shardings=(replicated(mesh), batch_sharding(mesh, 4)),
+                   out_shardings=(batch_sharding(mesh, 2), batch_sharding(mesh, 1)))
+
+
+def encode_tokens(cfg: vq.VQGANConfig, params: PyTree, images: np.ndarray, mesh: Mesh,
+                  batch_size: int = 256, _with_mse: bool = False):
+    """uint8[N,H,W,3] -> image tokens int32[N, (H/f)^2] (host), jitted and sharded over the
+    mesh's data axis in fixed-size batches. DataError if the VQGAN cannot tokenise the size."""
+    images = np.asarray(images)
+    vq.check_image_size(cfg, images.shape, "encode_tokens: images")
+    fn = _encode_decode_fn(cfg, mesh)
+    bs = _round_batch(batch_size, mesh)
+    p = jax.device_put(params, replicated(mesh))
+    toks, mses = [], []
+    for i in range(0, len(images), bs):
+        chunk = images[i: i + bs]
+        idx, mse = fn(p, jax.device_put(_pad_rows(chunk, bs), batch_sharding(mesh, 4)))
+        toks.append(np.asarray(idx)[: len(chunk)])
+        mses.append(np.asarray(mse)[: len(chunk)])
+    side = images.shape[1] // cfg.downsample_factor
+    tokens = (np.concatenate(toks) if toks else np.zeros((0, side * side))).astype(np.int32)
+    if _with_mse:
+        return tokens, (np.concatenate(mses) if mses else np.zeros((0,), np.float32))
+    return tokens
+
+
+def vqgan_stats(cfg: vq.VQGANConfig, params: PyTree, images: np.ndarray, mesh: Mesh) -> dict:
+    """Reconstruction PSNR (dB, images in [-1,1], from the mean MSE), codes used and code
+    perplexity over ``images`` uint8[N,H,W,3]."""
+    tokens, mse = encode_tokens(cfg, params, images, mesh, _with_mse=True)
+    counts = np.bincount(tokens.reshape(-1), minlength=cfg.n_embed)
+    probs = counts / max(counts.sum(), 1)
+    nz = probs[probs > 0]
+    return {"n": int(len(images)),
+            "psnr": float(10.0 * np.log10(4.0 / max(float(np.mean(mse)), 1e-12))),
+            "codes_used": int(np.sum(counts > 0)),
+            "perplexity": float(np.exp(-np.sum(nz * np.log(nz))))}
+
+
+# ----------------------------------------------------------------------------- DalleBart
+
+def token_nll(cfg: db.DalleBartConfig, params: PyTree, input_ids: jax.Array,
+              attention_mask: jax.Array, image_tokens: jax.Array, *,
+              dropout_rng: jax.Array | None = None) -> jax.Array:
+    """Teacher-forced negative log-likelihood per example, f32[B] (mean over the
+    image_length positions) of image tokens int32[B,image_length] given text int32[B,S].
+
+    The decoder reads ``decoder_start, t_0 .. t_{n-2}`` and predicts ``t_0 .. t_{n-1}`` (dalle-
+    mini's shift-right). Dropout runs when ``dropout_rng`` is given. Used for training and as
+    the white-box reference signal.
+    """
+    b = image_tokens.shape[0]
+    start = jnp.full((b, 1), cfg.decoder_start_token_id, jnp.int32)
+    dec_in = jnp.concatenate([start, image_tokens[:, :-1].astype(jnp.int32)], axis=1)
+    det = dropout_rng is None
+    rngs = {} if det else {"dropout": dropout_rng}
+    logits = db.DalleBart(cfg, deterministic=det).apply(
+        {"params": params}, input_ids, attention_mask, dec_in, rngs=rngs)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, image_tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return jnp.mean(nll, axis=1)
+
+
+def check_dalle_data(cfg: db.DalleBartConfig, text_ids: np.ndarray, text_mask: np.ndarray,
+                     image_tokens: np.ndarray, where: str = "train_dallebart") -> None:
+    """DataError unless text is int[N,S<=max_text_length] within the encoder vocabulary and
+    tokens are int[N,image_length] within [0, image_vocab_size)."""
+    text_ids, text_mask = np.asarray(text_ids), np.asarray(text_mask)
+    image_tokens = np.asarray(image_tokens)
+    if text_ids.ndim != 2 or text_ids.shape != text_mask.shape:
+        raise DataError(f"{where}: text ids {text_ids.shape} and mask {text_mask.shape}, "
+                        "expected two equal shapes [N, S]")
+    if text_ids.shape[1] > cfg.max_text_length:
+        raise DataError(f"{where}: {text_ids.shape[1]} text tokens per caption, expected at "
+                        f"most max_text_length = {cfg.max_text_length}")
+    if text_ids.size and (text_ids.min() < 0 or text_ids.max() >= cfg.encoder_vocab_size):
+        raise DataError(f"{where}: text ids in [{text_ids.min()}, {text_ids.max()}], expected "
+                        f"[0, encoder_vocab_size = {cfg.encoder_vocab_size})")
+    if image_tokens.shape != (text_ids.shape[0], cfg.image_length):
+        raise DataError(f"{where}: image tokens {image_tokens.shape}, expected "
+                        f"({text_ids.shape[0]}, image_length = {cfg.image_length})")
+    if image_tokens.size and (image_tokens.min() < 0 or
+                              image_tokens.max() >= cfg.image_vocab_size):
+        raise DataError(f"{where}: image tokens in [{image_tokens.min()}, "
+                        f"{image_tokens.max()}], expected [0, image_vocab_size = "
+                        f"{cfg.image_vocab_size})")
+
+
+def train_dallebart(cfg: db.DalleBartConfig, text_ids: np.ndarray, text_mask: np.ndarray,
+                    image_tokens: np.ndarray, uncond_ids: np.ndarray, uncond_mask: np.ndarray,
+                    tc: TrainConfig, *, caption_dropout: float, seed: int, mesh: Mesh,
+                    ckpt_dir: str | None) -> PyTree:
+    """Trains DalleBart with teacher-forced cross-entropy on a model's members.
+
+    Args:
+      text_ids, text_mask: int32[N,S] caption tokens (S <= max_text_length).
+      image_tokens: int32[N,image_length] VQGAN codes of the members' images.
+      uncond_ids, uncond_mask: int32[S] the empty caption; each caption is replaced by it
+        with probability ``caption_dropout``, which is what makes super-conditioning
+        (guidance on logits against the empty caption) meaningful at sampling time.
+    Returns the parameters (the EMA when ``tc.ema_decay > 0``).
+    """
+    check_dalle_data(cfg, text_ids, text_mask, image_tokens)
+    if not 0.0 <= caption_dropout < 1.0:
+        raise DataError(f"train_dallebart: caption_dropout = {caption_dropout}, expected [0, 1)")
+    s = np.shape(text_ids)[1]
+    u_ids = np.asarray(uncond_ids, np.int32).reshape(-1)
+    u_mask = np.asarray(uncond_mask, np.int32).reshape(-1)
+    if u_ids.shape != (s,) or u_mask.shape != (s,):
+        raise DataError(f"train_dallebart: the empty caption has {u_ids.shape[0]} ids / "
+                        f"{u_mask.shape[0]} mask values, expected {s} like the captions")
+    text_ids = np.asarray(text_ids, np.int32)
+    text_mask = np.asarray(text_mask, np.int32)
+    image_tokens = np.asarray(image_tokens, np.int32)
+    bs = _round_batch(tc.batch_size, mesh)
+    k0, k1 = jax.random.split(jax.random.PRNGKey(seed))
+    params = db.init_dallebart(cfg, k0)
+    tx = make_optimizer(tc)
+    use_ema = tc.ema_decay > 0
+    state = create_train_state(params, tx, k1, ema=use_ema)
+    u_ids_j, u_mask_j = jnp.asarray(u_ids), jnp.asarray(u_mask)
+    use_dropout = cfg.dropout > 0 or cfg.attention_dropout > 0 or cfg.activation_dropout > 0
+
+    def loss_fn(p, batch, rng):
+        kd, kdrop = jax.random.split(rng)
+        b = batch["ids"].shape[0]
+        drop = jax.random.bernoulli(kd, caption_dropout, (b,))[:, None]
+        ids = jnp.where(drop, u_ids_j[None], batch["ids"])
+        mask = jnp.where(drop, u_mask_j[None], batch["mask"])
+        nll = token_nll(cfg, p, ids, mask, batch["tokens"],
+                        dropout_rng=kdrop if use_dropout else None)
+        return jnp.mean(nll), {}
+
+    index = epoch_batches(len(image_tokens), bs, seed)
+
+    def batch_fn(step):
+        idx = index(step)
+        return {"ids": text_ids[idx], "mask": text_mask[idx], "tokens": image_tokens[idx]}
+
+    step = jit_train_step(make_train_step(loss_fn, tx, tc.ema_decay if use_ema else None),
+                          mesh, state, batch_fn(0))
+    state, history = run_training(state=state, train_step=step, batch_fn=batch_fn,
+                                  num_steps=tc.steps, mesh=mesh, ckpt_dir=ckpt_dir,
+                                  checkpoint_every=tc.checkpoint_every, desc="dallebart")
+    if history:
+        log.info("dallebart: %d steps on %d captions, final loss %.4f", tc.steps,
+                 len(image_tokens), history[-1]["loss"])
+    return jax.device_get(state.ema_params if use_ema else state.params)
