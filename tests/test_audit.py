@@ -90,17 +90,13 @@ def test_same_seed_same_numbers(base, audit_dirs):
     assert _numbers(again) == _numbers(base[0])
 
 
-def test_other_k_runs(base, audit_dirs):
+def test_other_k_and_captioner_run(base, audit_dirs):
+    """Another k and the image-only adversary (retrieval captioner over auxiliary captions)
+    in one run: both only change generation and features, so one run covers both."""
     tmp, work = audit_dirs
-    report, _ = _run(tmp, work, "k3", ["adversary.k=3"])
-    assert report["k"] == 3
-    validate_report(report)
-
-
-def test_captioner_runs_and_pool_excludes_evaluated_captions(base, audit_dirs):
-    tmp, work = audit_dirs
-    report, out = _run(tmp, work, "captioner", ["adversary.caption_source=captioner"])
-    assert report["caption_source"] == "captioner"
+    report, _ = _run(tmp, work, "k3_captioner", ["adversary.k=3",
+                                                  "adversary.caption_source=captioner"])
+    assert report["k"] == 3 and report["caption_source"] == "captioner"
     validate_report(report)
 
 
