@@ -127,9 +127,9 @@ def test_generations_target_audit(base, audit_dirs, tmp_path):
             save_png(gdir / str(i) / f"{j}.png", rng.integers(0, 255, (32, 32, 3), np.uint8))
     rep, _ = _run(tmp, work, "gens", target_dir=str(gdir), target="generations")
     validate_report(rep)
-    # Random images carry no membership signal.
-    lo, hi = rep["attacks"]["pixel"]["mlp"]["auc_ci"]
-    assert lo <= 0.5 <= hi
+    # Random images carry no membership signal: the AUC stays within ~4 standard errors of
+    # chance (SE ~0.036 at 128 vs 128). (A CI containing 0.5 would fail 5% of the time.)
+    assert abs(rep["attacks"]["pixel"]["mlp"]["auc"] - 0.5) < 0.15
     # A generations folder with a wrongly sized image is a clear error naming the file.
     first = m.ids("target_members")[0]
     save_png(gdir / str(first) / "1.png", np.zeros((16, 16, 3), np.uint8))
