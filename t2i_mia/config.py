@@ -216,14 +216,23 @@ def _ci_tiny_ldm(size: str) -> LDMConfig:
 
 
 def _ci_tiny_dalle(size: str) -> DalleConfig:
+    """ci: f8 VQGAN (16 tokens), small DalleBart, fast. tiny: f4 VQGAN (64 tokens of 4x4
+    pixels; f8 reconstructions lose the objects at 32x32) and a DalleBart that memorises 500
+    members: measured on the synthetic data (2 shared CPU cores), 800 steps reach a training
+    loss of 0.04 and pixel MSE(min over k=4) separates members from non-members with
+    AUC 0.87 (0.82 at condition_scale 2; 600 steps: loss 0.1, AUC 0.58). Stronger
+    super-conditioning hurts a model this small: guidance extrapolates away from the
+    memorised tokens (1200 steps: AUC 0.98 at scale 1, 0.97 at 2, 0.75 at 3)."""
     small = size == "ci"
     grid = 4 if small else 8  # 16 or 64 image tokens at 32x32
     n_res = 4 if small else 3  # f8 or f4 downsampling
     return DalleConfig(
         vqgan={
+            # ch 32 is the least GroupNorm(32) allows; low-dimensional codes (embed_dim 8)
+            # and dead-code restarts keep the whole codebook in use
             "ch": 32, "out_ch": 3, "in_channels": 3, "num_res_blocks": 1,
-            "attn_resolutions": [], "ch_mult": [1, 2, 2, 2][:n_res], "resolution": 32,
-            "z_channels": 32, "double_z": False, "n_embed": 256, "embed_dim": 32,
+            "attn_resolutions": [], "ch_mult": [1] * n_res, "resolution": 32,
+            "z_channels": 32, "double_z": False, "n_embed": 256, "embed_dim": 8,
             "dropout": 0.0, "resamp_with_conv": True, "give_pre_end": False,
             "num_resolutions": n_res,
         },
@@ -232,14 +241,14 @@ def _ci_tiny_dalle(size: str) -> DalleConfig:
             "encoder_attention_heads": 4, "decoder_attention_heads": 4,
             "encoder_ffn_dim": 128 if small else 256, "decoder_ffn_dim": 128 if small else 256,
             "encoder_vocab_size": 512, "image_vocab_size": 256, "image_length": grid * grid,
-            "max_text_length": 24,
+            "max_text_length": 24, "dropout": 0.0, "gradient_checkpointing": False,
         },
         vocab_size=512,
-        vqgan_train=TrainConfig(steps=200 if small else 1500, batch_size=32, learning_rate=1e-3,
-                                warmup_steps=50),
-        train=TrainConfig(steps=300 if small else 2500, batch_size=32 if small else 64,
-                          learning_rate=2e-3, warmup_steps=50),
-        sample=DalleSampleConfig(top_k=0, condition_scale=3.0, batch_size=64 if small else 128),
+        vqgan_train=TrainConfig(steps=150 if small else 600, batch_size=16, learning_rate=4e-3,
+                                warmup_steps=20 if small else 50, checkpoint_every=200),
+        train=TrainConfig(steps=300 if small else 800, batch_size=32, learning_rate=3e-3,
+                          warmup_steps=50, checkpoint_every=400),
+        sample=DalleSampleConfig(top_k=0, condition_scale=1.5, batch_size=64 if small else 128),
     )
 
 

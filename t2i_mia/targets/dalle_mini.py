@@ -395,7 +395,8 @@ def train_or_load_dalle(cfg: Config, name: str, images: np.ndarray, captions: li
 def build_dalle_models(cfg: Config, paths, dataset, manifest, cache, mesh: Mesh, timer):
     """The audit's models for ``--target dalle-mini`` (mirrors the LDM's): a VQGAN and a BPE
     tokenizer trained on ``pretrain``; the target trained on
-    ``manifest.target_training_ids()`` (or loaded from ``paths.target_dir``); one model on
+    ``manifest.target_training_ids()`` (or loaded from ``paths.target_dir``, whose image
+    size is checked against ``data.image_size`` before anything trains); one model on
     ``shadow_members`` that is the shadow (aux_mode shadow) and in every mode the null
     target. Returns :class:`t2i_mia.adversary.audit.Models`."""
     from t2i_mia.adversary.audit import Models
@@ -406,19 +407,23 @@ def build_dalle_models(cfg: Config, paths, dataset, manifest, cache, mesh: Mesh,
         images, captions = dataset.get_many(ids)
         return images, captions, factory.ids_hash(manifest.hashes(name))
 
+    loaded = None
+    if paths.target_dir:  # checked before anything is trained
+        with timer.phase("target"):
+            loaded = load_dalle_mini(paths.target_dir)
+            size = check_components(loaded.vqgan_cfg, loaded.bart_cfg, loaded.tokenizer,
+                                    paths.target_dir)
+            if size != cfg.data.image_size:
+                raise ConfigError(f"{paths.target_dir}: the model makes {size}px images but "
+                                  f"data.image_size is {cfg.data.image_size}")
     pre_images, pre_captions, pre_hash = split("pretrain")
     with timer.phase("autoencoder"):
         vqgan = train_or_load_vqgan(cfg, pre_images, pre_hash, cache, mesh)
         tok = train_or_load_dalle_tokenizer(cfg, pre_captions, pre_hash, cache)
     sample = cfg.dalle.sample
     with timer.phase("target"):
-        if paths.target_dir:
-            comps = load_dalle_mini(paths.target_dir)
-            size = check_components(comps.vqgan_cfg, comps.bart_cfg, comps.tokenizer,
-                                    paths.target_dir)
-            if size != cfg.data.image_size:
-                raise ConfigError(f"{paths.target_dir}: the model makes {size}px images but "
-                                  f"data.image_size is {cfg.data.image_size}")
+        if loaded is not None:
+            comps = loaded
         else:
             # Known members (partial-knowledge mode) are members too: the target trains on them.
             ids = manifest.target_training_ids()
