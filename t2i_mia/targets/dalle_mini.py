@@ -45,7 +45,7 @@ from t2i_mia.models import dallebart as db
 from t2i_mia.models import vqgan as vq
 from t2i_mia.models.text_normalize import fit_token_ids, normalize_text
 from t2i_mia.models.tokenizer import TextTokenizer
-from t2i_mia.parallel.mesh import batch_sharding, replicated
+from t2i_mia.parallel.mesh import batch_sharding, pad_batch, replicated
 from t2i_mia.targets.ldm import to_uint8
 from t2i_mia.targets.protocol import image_keys
 from t2i_mia.training.dalle_train import (encode_tokens, token_nll, train_dallebart,
@@ -211,12 +211,12 @@ class DalleMiniTarget:
         tok_ids = np.repeat(tok_ids, k, axis=0)
         tok_mask = np.repeat(tok_mask, k, axis=0)
         bs = self.batch_size
+        pad = lambda a: pad_batch(a, bs)[0]  # noqa: E731  (the last batch keeps the shape)
         imgs, toks = [], []
         for i in tqdm(range(0, n * k, bs), desc=f"generate[{self.name}]", disable=not progress,
                       leave=False, dynamic_ncols=True):
             sl = slice(i, i + bs)
             m = len(keys[sl])
-            pad = lambda a: np.concatenate([a, np.repeat(a[-1:], bs - m, 0)]) if m < bs else a  # noqa: E731
             im, tk = self._sample(self.params, pad(tok_ids[sl]), pad(tok_mask[sl]),
                                   pad(keys[sl]))
             imgs.append(im[:m])
@@ -256,11 +256,11 @@ class DalleMiniTarget:
                                 in_shardings=(replicated(self.mesh), bs, bs, bs),
                                 out_shardings=batch_sharding(self.mesh, 1))
         bs = self.batch_size
+        pad = lambda a: pad_batch(a, bs)[0]  # noqa: E731
         out = []
         for i in range(0, len(tokens), bs):
             sl = slice(i, i + bs)
             m = len(tokens[sl])
-            pad = lambda a: np.concatenate([a, np.repeat(a[-1:], bs - m, 0)]) if m < bs else a  # noqa: E731
             out.append(np.asarray(self._nll(self.params["bart"], pad(tok_ids[sl]),
                                             pad(tok_mask[sl]), pad(tokens[sl])))[:m])
         return np.concatenate(out) if out else np.zeros((0,), np.float32)

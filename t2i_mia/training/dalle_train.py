@@ -131,9 +131,9 @@ def train_vqgan(cfg: vq.VQGANConfig, images: np.ndarray, tc: TrainConfig, *, see
     index = epoch_batches(len(images), bs, seed)
     batch_fn = lambda step: {"image": images[index(step)]}  # noqa: E731
     step_fn = jit_train_step(train_step, mesh, state, batch_fn(0))
-    state, history = run_training(state=state, train_step=step_fn, batch_fn=batch_fn,
-                                  num_steps=tc.steps, mesh=mesh, ckpt_dir=ckpt_dir,
-                                  checkpoint_every=tc.checkpoint_every, desc="vqgan")
+    state, _ = run_training(state=state, train_step=step_fn, batch_fn=batch_fn,
+                            num_steps=tc.steps, mesh=mesh, ckpt_dir=ckpt_dir,
+                            checkpoint_every=tc.checkpoint_every, desc="vqgan")
     params = jax.device_get(state.params["vq"])
     stats = vqgan_stats(cfg, params, images[: min(len(images), 512)], mesh)
     log.info("vqgan: %d steps, reconstruction PSNR %.2f dB, %d/%d codes used (perplexity "
@@ -159,10 +159,9 @@ def _encode_decode_fn(cfg: vq.VQGANConfig, mesh: Mesh):
                    out_shardings=(batch_sharding(mesh, 2), batch_sharding(mesh, 1)))
 
 
-def encode_tokens(cfg: vq.VQGANConfig, params: PyTree, images: np.ndarray, mesh: Mesh,
-                  batch_size: int = 256, _with_mse: bool = False):
-    """uint8[N,H,W,3] -> image tokens int32[N, (H/f)^2] (host), jitted and sharded over the
-    mesh's data axis in fixed-size batches. DataError if the VQGAN cannot tokenise the size."""
+def _encode(cfg: vq.VQGANConfig, params: PyTree, images: np.ndarray, mesh: Mesh,
+            batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens int32[N,(H/f)^2], reconstruction MSE f32[N]) on the host."""
     images = np.asarray(images)
     vq.check_image_size(cfg, images.shape, "encode_tokens: images")
     fn = _encode_decode_fn(cfg, mesh)
@@ -174,17 +173,23 @@ def encode_tokens(cfg: vq.VQGANConfig, params: PyTree, images: np.ndarray, mesh:
         idx, mse = fn(p, jax.device_put(_pad_rows(chunk, bs), batch_sharding(mesh, 4)))
         toks.append(np.asarray(idx)[: len(chunk)])
         mses.append(np.asarray(mse)[: len(chunk)])
-    side = images.shape[1] // cfg.downsample_factor
-    tokens = (np.concatenate(toks) if toks else np.zeros((0, side * side))).astype(np.int32)
-    if _with_mse:
-        return tokens, (np.concatenate(mses) if mses else np.zeros((0,), np.float32))
-    return tokens
+    if not toks:
+        side = images.shape[1] // cfg.downsample_factor
+        return np.zeros((0, side * side), np.int32), np.zeros((0,), np.float32)
+    return np.concatenate(toks).astype(np.int32), np.concatenate(mses)
+
+
+def encode_tokens(cfg: vq.VQGANConfig, params: PyTree, images: np.ndarray, mesh: Mesh,
+                  batch_size: int = 256) -> np.ndarray:
+    """uint8[N,H,W,3] -> image tokens int32[N, (H/f)^2] (host), jitted and sharded over the
+    mesh's data axis in fixed-size batches. DataError if the VQGAN cannot tokenise the size."""
+    return _encode(cfg, params, images, mesh, batch_size)[0]
 
 
 def vqgan_stats(cfg: vq.VQGANConfig, params: PyTree, images: np.ndarray, mesh: Mesh) -> dict:
     """Reconstruction PSNR (dB, images in [-1,1], from the mean MSE), codes used and code
     perplexity over ``images`` uint8[N,H,W,3]."""
-    tokens, mse = encode_tokens(cfg, params, images, mesh, _with_mse=True)
+    tokens, mse = _encode(cfg, params, images, mesh, batch_size=256)
     counts = np.bincount(tokens.reshape(-1), minlength=cfg.n_embed)
     probs = counts / max(counts.sum(), 1)
     nz = probs[probs > 0]
