@@ -112,6 +112,7 @@ class DalleConfig:
     vqgan: dict = field(default_factory=dict)
     bart: dict = field(default_factory=dict)
     vocab_size: int = 512
+    caption_dropout: float = 0.1  # empty caption rate in training (for super-conditioning)
     vqgan_train: TrainConfig = field(default_factory=TrainConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: DalleSampleConfig = field(default_factory=DalleSampleConfig)
@@ -551,6 +552,7 @@ def validate(cfg: Config) -> Config:
     _check(cfg.mesh.data == -1 or cfg.mesh.data >= 1, "mesh.data", "must be -1 or >= 1")
     _check(0.0 <= cfg.ldm.caption_dropout < 1.0, "ldm.caption_dropout", "must be in [0, 1)")
     _check(cfg.ldm.sample.eta >= 0.0, "ldm.sample.eta", "must be >= 0")
+    _check(0.0 <= cfg.dalle.caption_dropout < 1.0, "dalle.caption_dropout", "must be in [0, 1)")
     for name, t in (("ldm.train", cfg.ldm.train), ("ldm.vae_train", cfg.ldm.vae_train),
                     ("dalle.train", cfg.dalle.train), ("dalle.vqgan_train", cfg.dalle.vqgan_train),
                     ("adversary.encoder.train", a.encoder.train)):
