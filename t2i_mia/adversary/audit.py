@@ -334,9 +334,10 @@ def run_audit(cfg: Config, paths: RunPaths, progress: bool = True) -> dict:
                                                   evalset.ids.tolist())
             th = ThresholdAttack().fit(-l_train, trainset.labels)
             white_box = {
-                "note": "outside the black-box threat model: uses the target's own denoising "
-                        "loss on the query (white-box access); an upper-bound reference only",
-                "feature": "white_box.denoising_loss (negated: higher = member)",
+                "note": "outside the black-box threat model: uses the target's own training "
+                        "loss on the query (white-box access; denoising loss for ldm, "
+                        "image-token NLL for dalle-mini); an upper-bound reference only",
+                "feature": "white_box.training_loss (negated: higher = member)",
                 "threshold": M.evaluate(th.score(-l_eval), th.predict(-l_eval), y,
                                         a.n_bootstrap, seed),
             }
