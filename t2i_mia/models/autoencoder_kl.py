@@ -381,20 +381,12 @@ def load_vae(folder: str | os.PathLike) -> tuple[AutoencoderKLConfig, PyTree]:
 
     Errors name the file and the key or tensor at fault.
     """
-    folder = os.fspath(folder)
-    cfg_path = os.path.join(folder, CONFIG_NAME)
-    cfg = AutoencoderKLConfig.from_dict(formats.read_json(cfg_path), cfg_path)
-    w_path = os.path.join(folder, VAE_WEIGHTS)
-    params = formats.match_tree(formats.read_msgpack(w_path), param_shapes(cfg), w_path)
-    return cfg, params
+    return formats.load_config_and_params(folder, AutoencoderKLConfig, VAE_WEIGHTS,
+                                          param_shapes, CONFIG_NAME)
 
 
 def save_vae(folder: str | os.PathLike, cfg: AutoencoderKLConfig, params: PyTree) -> None:
     """Writes the diffusers Flax layout (each file atomically)."""
-    folder = os.fspath(folder)
-    os.makedirs(folder, exist_ok=True)
-    w_path = os.path.join(folder, VAE_WEIGHTS)
-    formats.match_tree(params, param_shapes(cfg), w_path)
-    formats.write_msgpack(w_path, params)
-    formats.write_json(os.path.join(folder, CONFIG_NAME),
-                       {"_class_name": "FlaxAutoencoderKL", **cfg.to_dict()})
+    formats.save_config_and_params(folder, cfg, params, VAE_WEIGHTS, param_shapes,
+                                   "FlaxAutoencoderKL",
+                                   CONFIG_NAME)

@@ -137,3 +137,25 @@ def check_config_keys(cfg: Mapping[str, Any], supported: Mapping[str, Any], wher
             raise ConfigError(f"{where}: '{key}' = {value!r} is not implemented"
                               + (f" (supported: {list(rule)})" if isinstance(rule, tuple) else ""))
     return dict(cfg)
+
+
+def load_config_and_params(folder: str | os.PathLike, config_cls, weights_name: str,
+                           shapes_fn, config_name: str = "config.json"):
+    """``folder/config.json`` (validated by ``config_cls.from_dict``) + the msgpack weights
+    checked against ``shapes_fn(cfg)``. Returns (cfg, params); errors name file and tensor."""
+    folder = os.fspath(folder)
+    cfg_path = os.path.join(folder, config_name)
+    cfg = config_cls.from_dict(read_json(cfg_path), cfg_path)
+    w_path = os.path.join(folder, weights_name)
+    return cfg, match_tree(read_msgpack(w_path), shapes_fn(cfg), w_path)
+
+
+def save_config_and_params(folder: str | os.PathLike, cfg, params: PyTree, weights_name: str,
+                           shapes_fn, class_name: str, config_name: str = "config.json") -> None:
+    """Writes the weights (shape-checked) and ``config.json`` with ``_class_name``, atomically."""
+    folder = os.fspath(folder)
+    os.makedirs(folder, exist_ok=True)
+    w_path = os.path.join(folder, weights_name)
+    match_tree(params, shapes_fn(cfg), w_path)
+    write_msgpack(w_path, params)
+    write_json(os.path.join(folder, config_name), {"_class_name": class_name, **cfg.to_dict()})
