@@ -91,17 +91,8 @@ class Timer:
 
 def build_dataset(cfg: Config, n_needed: int):
     """The configured data source as a Dataset."""
-    src = cfg.data.source
-    if src == "synthetic":
-        from t2i_mia.data.synthetic import SyntheticCaptions
-        # A little slack: exact-duplicate scenes (rare) are dropped before split assignment.
-        return SyntheticCaptions(seed=cfg.seed, size=cfg.data.image_size,
-                                 n=int(n_needed * 1.02) + 16)
-    if src == "folder":
-        from t2i_mia.data.folder import open_folder
-        return open_folder(cfg.data.data_dir, cfg.data.image_size)
-    raise ConfigError(f"config key 'data.source': '{src}' (MS-COCO / CC3M readers) is not "
-                      "built in this version; use synthetic or folder")
+    from t2i_mia.data.sources import open_dataset
+    return open_dataset(cfg, n_needed)
 
 
 def build_splits(cfg: Config, dataset):
