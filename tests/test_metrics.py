@@ -166,3 +166,34 @@ def test_evaluate_report_block():
     s2, y2 = _gauss(50, 1.5, seed=4)
     out2 = M.evaluate(s2, (s2 > 0.75).astype(int), y2, n_boot=50, seed=0)
     assert out2["tpr_at_fpr_1e-2"] is None and out2["tpr_at_fpr_1e-2_ci"] is None
+
+
+def test_replicate_bootstrap_one_replicate_is_the_plain_bootstrap():
+    rng = np.random.default_rng(3)
+    y = np.r_[np.ones(60), np.zeros(60)].astype(int)
+    s = rng.normal(size=120) + 0.8 * y
+    auc, ci = M.replicate_bootstrap(M.roc_auc, [s], y, n=300, seed=5)
+    assert auc == pytest.approx(M.roc_auc(s, y))
+    assert ci == pytest.approx(M.bootstrap_ci(M.roc_auc, s, y, n=300, seed=5))
+
+
+def test_replicate_bootstrap_covers_the_spread_between_replicates():
+    # Two replicate scorings with opposite directions (AUC ~0.85 and ~0.15): each alone has
+    # a CI far from 0.5, the procedure's mean is ~0.5 and its interval spans both.
+    rng = np.random.default_rng(0)
+    y = np.r_[np.ones(200), np.zeros(200)].astype(int)
+    s = rng.normal(size=400) + 1.5 * y
+    auc, (lo, hi) = M.replicate_bootstrap(M.roc_auc, [s, -s], y, n=500, seed=1)
+    assert auc == pytest.approx(0.5)
+    lo1, hi1 = M.bootstrap_ci(M.roc_auc, s, y, n=500, seed=1)
+    assert lo1 > 0.75 and hi1 < 0.95
+    assert lo < 0.25 and hi > 0.75
+    # A leak moves every replicate the same way: the interval then excludes 0.5.
+    auc, (lo, hi) = M.replicate_bootstrap(M.roc_auc, [s, s + 0.1 * rng.normal(size=400)], y,
+                                          n=500, seed=1)
+    assert lo > 0.5 and auc > 0.75
+    # Same seed, same interval; no replicates is an error.
+    assert M.replicate_bootstrap(M.roc_auc, [s, -s], y, n=200, seed=4) == \
+        M.replicate_bootstrap(M.roc_auc, [s, -s], y, n=200, seed=4)
+    with pytest.raises(Exception, match="at least one"):
+        M.replicate_bootstrap(M.roc_auc, [], y)

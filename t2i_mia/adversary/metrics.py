@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -268,6 +268,43 @@ def bootstrap_ci(metric_fn: Callable, scores, labels, n: int = 1000, seed: int =
         return None
     lo, hi = np.percentile(vals, [100.0 * alpha / 2.0, 100.0 * (1.0 - alpha / 2.0)])
     return float(lo), float(hi)
+
+
+def replicate_bootstrap(metric_fn: Callable, score_sets: Sequence, labels, n: int = 1000,
+                        seed: int = 0, alpha: float = 0.05
+                        ) -> tuple[float, tuple[float, float]] | None:
+    """Mean metric over R replicate scorings of one evaluation set, and a (1 - alpha) interval
+    that includes the spread *between* replicates as well as the sampling of the set.
+
+    For randomised procedures (e.g. R attacks fitted to R independent label shuffles) the
+    quantity of interest is the procedure's metric, not one draw's: each of n resamples
+    takes the evaluation set resampled (stratified, as ``bootstrap_ci``) and one replicate
+    drawn uniformly at random (a two-level bootstrap), so a percentile interval of those
+    values covers both sources of variance.
+
+    Args:
+      score_sets: R >= 1 arrays f[N], each a scoring of the same N queries.
+      labels: {0,1}[N]. n, seed, alpha: as ``bootstrap_ci``.
+    Returns: (mean over replicates, (lo, hi)), or None if the metric cannot be measured.
+    """
+    sets = [np.asarray(sc, np.float64) for sc in score_sets]
+    if not sets:
+        raise ConfigError("replicate_bootstrap: needs at least one replicate scoring")
+    if not 0.0 < alpha < 1.0:
+        raise ConfigError(f"replicate_bootstrap: alpha must be in (0, 1), got {alpha}")
+    point, vals = [], []
+    for sc in sets:
+        p = metric_fn(sc, labels)
+        v = bootstrap_values(metric_fn, sc, labels, n, seed)  # same resamples for each r
+        if p is None or v is None:
+            return None
+        point.append(float(p))
+        vals.append(v)
+    vals = np.stack(vals)  # f64[R, n]
+    pick = np.random.default_rng([seed, 1]).integers(0, len(sets), vals.shape[1])
+    mixed = vals[pick, np.arange(vals.shape[1])]
+    lo, hi = np.percentile(mixed, [100.0 * alpha / 2.0, 100.0 * (1.0 - alpha / 2.0)])
+    return float(np.mean(point)), (float(lo), float(hi))
 
 
 # ----------------------------------------------------------------------------- report block
