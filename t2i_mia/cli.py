@@ -53,13 +53,19 @@ def make_parser(prog: str, description: str, epilog: str = "") -> argparse.Argum
                    help="a trained or public checkpoint of the target (Stable Diffusion Flax "
                         "folder for ldm, dalle-mini folder for dalle-mini, the images folder "
                         "for generations). Absent: train one on the embedded default data.")
-    p.add_argument("--config", default="tiny", metavar="PRESET|FILE",
-                   help=f"preset ({', '.join(PRESETS)}) or JSON file (default: tiny)")
+    p.add_argument("--config", default=None, metavar="PRESET|FILE",
+                   help=f"preset ({', '.join(PRESETS)}) or JSON file (default: tiny; with "
+                        f"--data coco or cc3m: paper-ldm, or paper-dalle for --target "
+                        f"dalle-mini)")
     p.add_argument("--data", choices=DATA_SOURCES, default=None,
                    help="data source: synthetic (embedded, default), folder (images + .txt "
-                        "captions, or a JSONL manifest), coco, cc3m")
+                        "captions, or a JSONL manifest), coco (MS-COCO prepared by "
+                        "tensorflow-datasets as array_record; never downloaded here), cc3m "
+                        "(webdataset .tar shards in img2dataset layout)")
     p.add_argument("--data-dir", default=None, metavar="PATH",
-                   help="folder or manifest.jsonl for --data folder")
+                   help="--data folder: a folder or manifest.jsonl; coco: the TFDS data dir "
+                        "(default $TFDS_DATA_DIR or ~/tensorflow_datasets); cc3m: the .tar "
+                        "shards as paths, globs or {00000..00331} patterns, comma-separated")
     p.add_argument("--work-dir", default="t2i_mia_work", metavar="PATH",
                    help="caches: trained models, generations, features (default: "
                         "./t2i_mia_work). A model is reused only when its config, split "
@@ -86,6 +92,13 @@ def setup_logging(verbose: bool = False) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def default_preset(data: str | None, target: str | None) -> str:
+    """The preset used without --config: tiny, or paper scale for the real data sets."""
+    if data in ("coco", "cc3m"):
+        return "paper-dalle" if target == "dalle-mini" else "paper-ldm"
+    return "tiny"
+
+
 def resolve(args: argparse.Namespace) -> tuple[Config, RunPaths]:
     """Flags -> validated config and paths. Flags win over the config file, --set over both."""
     overrides = list(args.overrides)
@@ -97,12 +110,15 @@ def resolve(args: argparse.Namespace) -> tuple[Config, RunPaths]:
         overrides.insert(0, f"data.data_dir={json.dumps(args.data_dir)}")
     if args.seed is not None:
         overrides.insert(0, f"seed={args.seed}")
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config or default_preset(args.data, args.target), overrides)
     if args.target_dir is not None and not args.dry_run and not os.path.exists(args.target_dir):
         raise ConfigError(f"--target-dir {args.target_dir}: no such file or folder")
     if cfg.data.source == "folder" and not cfg.data.data_dir:
         raise ConfigError("--data folder needs --data-dir (a folder of images + .txt captions, "
                           "or a manifest.jsonl)")
+    if cfg.data.source == "cc3m" and not cfg.data.data_dir and not args.dry_run:
+        raise ConfigError("--data cc3m needs --data-dir: the webdataset .tar shards (paths, "
+                          "globs or {00000..00331} patterns, comma-separated)")
     if cfg.target == "generations" and not args.target_dir:
         raise ConfigError("--target generations needs --target-dir: a folder <id>/<j>.png")
     paths = RunPaths(work_dir=os.path.abspath(args.work_dir), out=os.path.abspath(args.out),
@@ -121,9 +137,7 @@ def plan(cfg: Config, paths: RunPaths, what: str) -> str:
         f"t2i-mia plan: {what}",
         f"  preset        {cfg.preset}   seed {cfg.seed}   target {cfg.target}"
         + (f" (from {paths.target_dir})" if paths.target_dir else " (trained here)"),
-        f"  data          {cfg.data.source}"
-        + (f" ({cfg.data.data_dir})" if cfg.data.data_dir else "")
-        + f", {cfg.data.image_size}x{cfg.data.image_size}",
+        f"  data          {_data_location(cfg)}, {cfg.data.image_size}x{cfg.data.image_size}",
         "  splits        " + ", ".join(f"{f.name}={getattr(s, f.name)}"
                                        for f in dataclasses.fields(s)),
         f"  mesh          data={data_ax} x model={cfg.mesh.model} over {n_dev} "
@@ -158,6 +172,21 @@ def plan(cfg: Config, paths: RunPaths, what: str) -> str:
         "manifest.json",
     ]
     return "\n".join(lines)
+
+
+def _data_location(cfg: Config) -> str:
+    d = cfg.data
+    if d.source == "coco":
+        where = d.data_dir or "$TFDS_DATA_DIR or ~/tensorflow_datasets"
+        return (f"coco: TFDS {d.tfds_name} split {d.tfds_split} from {where} (array_record; "
+                f"read, never downloaded)")
+    if d.source == "cc3m":
+        from t2i_mia.data.sources import shard_limit
+        n = sum(getattr(d.splits, f.name) for f in dataclasses.fields(d.splits))
+        shards = d.data_dir or "none given (--data-dir is needed for a real run)"
+        return (f"cc3m: webdataset shards {shards}, indexed up to {shard_limit(n)} good "
+                f"samples (bad ones counted and skipped)")
+    return d.source + (f" ({d.data_dir})" if d.data_dir else "")
 
 
 def run_main(fn, argv=None) -> int:

@@ -53,9 +53,14 @@ class SplitsConfig:
 
 @dataclass
 class DataConfig:
+    """``data_dir``: folder/manifest (folder), TFDS data dir (coco; None = TFDS's default),
+    comma-separated ``.tar`` shard paths/globs/brace patterns (cc3m). ``tfds_name`` /
+    ``tfds_split``: the TFDS dataset and split read for coco (see ``data.coco``)."""
     source: str = "synthetic"
     data_dir: str | None = None
     image_size: int = 32
+    tfds_name: str = "coco_captions"
+    tfds_split: str = "train+restval+val+test"
     splits: SplitsConfig = field(default_factory=SplitsConfig)
 
 
@@ -538,6 +543,11 @@ def validate(cfg: Config) -> Config:
            f"expected one of {DATA_SOURCES}, got {cfg.data.source!r}")
     _check(cfg.data.image_size >= 8 and cfg.data.image_size % 8 == 0, "data.image_size",
            f"expected a multiple of 8 >= 8, got {cfg.data.image_size}")
+    name = cfg.data.tfds_name
+    _check(bool(name.strip()) and name == name.strip(), "data.tfds_name",
+           f"expected a TFDS name such as coco_captions, got {name!r}")
+    _check(bool(cfg.data.tfds_split.strip()), "data.tfds_split",
+           f"expected a TFDS split such as train+restval, got {cfg.data.tfds_split!r}")
     for f in dataclasses.fields(cfg.data.splits):
         _check(getattr(cfg.data.splits, f.name) >= 0, f"data.splits.{f.name}", "must be >= 0")
     a = cfg.adversary

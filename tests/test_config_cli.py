@@ -131,3 +131,45 @@ def test_cli_error_is_one_clear_line():
     assert r.returncode == 2
     assert "error:" in r.stderr and "adversary.bogus" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_real_data_defaults_to_paper_presets(tmp_path):
+    p = cli.make_parser("x", "d")
+    cfg, _ = cli.resolve(p.parse_args(["--data", "coco", "--dry-run"]))
+    assert cfg.preset == "paper-ldm" and cfg.data.source == "coco"
+    assert cfg.data.image_size == 256 and cfg.data.tfds_name == "coco_captions"
+    cfg, paths = cli.resolve(p.parse_args(["--data", "cc3m", "--target", "dalle-mini",
+                                           "--data-dir", "s/{00000..00003}.tar", "--dry-run"]))
+    assert cfg.preset == "paper-dalle" and cfg.data.source == "cc3m"
+    assert paths.data_dir == "s/{00000..00003}.tar"
+    cfg, _ = cli.resolve(p.parse_args(["--config", "ci", "--data", "coco"]))
+    assert cfg.preset == "ci"  # an explicit --config wins
+    assert cli.resolve(p.parse_args([]))[0].preset == "tiny"
+    # cc3m needs its shards for a real run (not for a dry run).
+    with pytest.raises(ConfigError, match="--data cc3m needs --data-dir"):
+        cli.resolve(p.parse_args(["--data", "cc3m"]))
+    with pytest.raises(ConfigError, match="data.tfds_split"):
+        cli.resolve(p.parse_args(["--data", "coco", "--set", "data.tfds_split=  "]))
+
+
+@pytest.mark.parametrize("data, words", [
+    ("coco", ["paper-ldm", "coco_captions", "train+restval+val+test", "array_record"]),
+    ("cc3m", ["paper-ldm", "webdataset shards", "{00000..00331}"]),
+])
+def test_real_data_dry_run_plans_paper_scale_and_reads_nothing(data, words, tmp_path):
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    arg = str(data_dir / "{00000..00331}.tar") if data == "cc3m" else str(data_dir)
+    code = ("import sys; from t2i_mia import attack; rc = attack.main(sys.argv[1:]); "
+            "print('imported', sorted(m for m in ('tensorflow', 'tensorflow_datasets') "
+            "if m in sys.modules)); sys.exit(rc)")
+    r = subprocess.run([sys.executable, "-c", code, "--data", data, "--data-dir", arg,
+                        "--dry-run", "--out", str(tmp_path / "o"), "--work-dir",
+                        str(tmp_path / "w")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    for w in words + ["256x256", "target_members=10000", "mesh", "200000 steps",
+                      "report.json"]:
+        assert w in out, (w, out)
+    assert "imported []" in out  # no TFDS, no TensorFlow: nothing read or downloaded
+    assert list(tmp_path.iterdir()) == [data_dir] and list(data_dir.iterdir()) == []
