@@ -10,16 +10,15 @@ import io
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds  # in [test]: a missing install fails here, not a skip
 from PIL import Image
 
-tfds = pytest.importorskip("tensorflow_datasets")
-
-from t2i_mia.config import load_config  # noqa: E402
-from t2i_mia.data.coco import DEFAULT_SPLIT, TfdsCaptions, first_caption  # noqa: E402
-from t2i_mia.data.records import Dataset, content_hash  # noqa: E402
-from t2i_mia.data.sources import open_dataset  # noqa: E402
-from t2i_mia.data.webdataset import decode_image_bytes  # noqa: E402
-from t2i_mia.errors import ConfigError, DataError  # noqa: E402
+from t2i_mia.config import load_config
+from t2i_mia.data.coco import DEFAULT_SPLIT, TfdsCaptions, first_caption
+from t2i_mia.data.records import Dataset, content_hash
+from t2i_mia.data.sources import open_dataset
+from t2i_mia.data.webdataset import decode_image_bytes
+from t2i_mia.errors import ConfigError, DataError
 
 S = 16
 

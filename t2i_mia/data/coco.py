@@ -7,8 +7,11 @@ data prepared as **array_record**. Why this and not tf.data or grain:
   ``get_many(ids)``) and touches a seeded subset of them; array_record is the TFDS format
   with O(1) random access by record index, so ``get(i)`` reads one record. tf.data over
   TFRecord only streams: random access would mean scanning or caching the whole set.
-- Reading does not import TensorFlow: TFDS decodes the JPEG with PIL (or OpenCV). TF is
-  only needed once, by ``tfds build``, to prepare the data.
+- TensorFlow does no work while reading: TFDS decodes the JPEG with PIL (or OpenCV) and
+  array_record reads the bytes. TF is still installed with the ``coco`` extra because
+  TFDS's coco builder code imports it, and ``tfds build`` needs it to prepare the data.
+  (Checked: tensorflow-cpu 2.21 and tensorflow-datasets 4.9.10 install next to jax 0.10.2
+  and numpy 2.4 without changing either, and both frameworks run in one process.)
 - grain would add a loader (shuffling, batching, worker processes) on top of the same
   ``ArrayRecordDataSource``; the audit's splits, batching and sharding are its own, so the
   data source alone is enough and grain is not a dependency.

@@ -33,13 +33,15 @@ ones after it (but adding or reordering shards does).
 
 Bad samples are counted, skipped and reported, never silently dropped. ``skip_summary()``
 gives ``{"samples_seen", "kept", "skipped": {reason: count}, "examples": {reason: [first
-keys]}, "shards", "shards_read", "complete", "ignored_members"}``; reasons:
-``missing_image``, ``multiple_images``, ``undecodable_image``, ``missing_caption``,
-``empty_caption``, ``caption_not_utf8``, ``duplicate_member``, ``duplicate_key``,
-``truncated_member`` (data past the end of the file), ``unreadable_shard`` (a shard that is
-not a tar), ``unreadable_tail`` (a shard whose tar stream breaks off part-way: the samples
-before the break are kept, the break is counted once). A gzip-compressed shard is a
-DataError (tar members cannot be addressed by offset inside gzip).
+keys]}, "shards", "shards_read", "complete", "ignored_members", "id_rule"}``
+(``complete``: indexing went through every listed shard, not stopped by ``limit``;
+``id_rule``: ``key`` or ``position``). Skip reasons: ``missing_image``,
+``multiple_images``, ``undecodable_image``, ``missing_caption``, ``empty_caption``,
+``caption_not_utf8``, ``duplicate_member``, ``duplicate_key``, ``truncated_member`` (data
+past the end of the file), ``unreadable_shard`` (a shard that is not a tar),
+``unreadable_tail`` (a shard whose tar stream breaks off part-way: the samples before the
+break are kept, the break is counted once). A gzip-compressed shard is a DataError (tar
+members cannot be addressed by offset inside gzip).
 """
 
 from __future__ import annotations
