@@ -57,3 +57,13 @@ def assert_parity(actual, ref, name: str = ""):
 @pytest.fixture
 def tmp_workdir(tmp_path):
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def audit_dirs(tmp_path_factory):
+    """(outputs folder, work dir) shared by every test that runs an audit at the ``ci``
+    preset (tests/test_audit*.py, tests/test_notebooks.py), so the models one trains are
+    reused by the others. Outputs go to a temporary folder; models to a temporary work dir,
+    or to $T2I_MIA_TEST_WORK when set (a developer's cache: reruns skip the training)."""
+    root = tmp_path_factory.mktemp("audit")
+    return str(root), os.environ.get("T2I_MIA_TEST_WORK", str(root / "work"))

@@ -28,14 +28,6 @@ def _run(tmp, work, name, overrides=(), target_dir=None, target=None):
 
 
 @pytest.fixture(scope="session")
-def audit_dirs(tmp_path_factory):
-    """Outputs in a temporary folder; models in a temporary work dir, or in
-    $T2I_MIA_TEST_WORK when set (a developer's cache: reruns skip the training)."""
-    root = tmp_path_factory.mktemp("audit")
-    return str(root), os.environ.get("T2I_MIA_TEST_WORK", str(root / "work"))
-
-
-@pytest.fixture(scope="session")
 def base(audit_dirs):
     tmp, work = audit_dirs
     return _run(tmp, work, "base")
