@@ -15,8 +15,12 @@ rule whose regex matches *and whose spec has exactly the leaf's rank* wins; a le
 matches is replicated. A mesh axis named on a dimension it does not divide is dropped for
 that dimension (that dimension is replicated), so one rule set works for every mesh shape.
 
-Works unchanged on several hosts: :func:`shard_batch` takes each process's local slice of
-the global batch (``jax.make_array_from_process_local_data``).
+Several processes (multi-host; :mod:`t2i_mia.parallel.distributed`): the mesh spans every
+process's devices and each process holds the rows of the global batch that its own devices
+hold, :func:`process_rows`. :func:`shard_batch` builds the global array either from the
+global host batch (the same on every process; each process copies only its rows) or, with
+``process_local=True``, from just this process's rows, as a loader that reads only its share
+produces. Outputs come back with :func:`t2i_mia.parallel.distributed.gather_to_host`.
 """
 
 from __future__ import annotations
@@ -171,23 +175,65 @@ def _local_data_shards(mesh: Mesh) -> int:
     return len(rows)
 
 
-def shard_batch(batch: PyTree, mesh: Mesh) -> PyTree:
-    """Places a pytree of host arrays (this process's slice of the global batch) on the mesh,
-    leading axis split over ``'data'``. Every leaf's leading dim must divide by the number of
-    data shards this process holds (the data-axis size on one host)."""
-    n_shards = _local_data_shards(mesh)
+def process_rows(mesh: Mesh, global_batch_size: int) -> np.ndarray:
+    """int64[n_local]: the rows of a global batch of ``global_batch_size`` that this process's
+    devices hold, ascending (the order ``jax.make_array_from_process_local_data`` maps
+    process-local rows to). One process: ``arange(global_batch_size)``.
+
+    A loader that reads only its share reads these rows (by stable position in the global
+    batch) and passes them to ``shard_batch(..., process_local=True)``. The rows are whole
+    per-device blocks; on a mesh whose 'data' order interleaves processes they need not be
+    contiguous. ``global_batch_size`` must divide by the 'data' axis size (ConfigError).
+    """
+    n_data = mesh.shape["data"]
+    if global_batch_size < 1 or global_batch_size % n_data:
+        raise ConfigError(f"global batch size {global_batch_size} does not divide by the "
+                          f"{n_data} data shards of the mesh (mesh.data); choose a batch_size "
+                          f"that is a multiple of it, or pad_batch()")
+    index_map = batch_sharding(mesh, 1).addressable_devices_indices_map((global_batch_size,))
+    rows = set()
+    for (sl,) in index_map.values():
+        rows.update(range(*sl.indices(global_batch_size)))
+    return np.asarray(sorted(rows), dtype=np.int64)
+
+
+def shard_batch(batch: PyTree, mesh: Mesh, *, process_local: bool = False) -> PyTree:
+    """Places a pytree of host arrays on the mesh, leading (batch) axis split over ``'data'``.
+
+    ``process_local=False`` (default): ``batch`` is the global batch, identical on every
+    process (one process: simply the batch); each process copies only the rows its devices
+    hold. Every leaf's leading dim must divide by the 'data' axis size.
+
+    ``process_local=True``: ``batch`` holds only this process's rows of the global batch,
+    ``global[process_rows(mesh, G)]``; the global size ``G`` is ``n_local`` x (data-axis size
+    / data shards on this process). Every leaf's leading dim must divide by the number of data
+    shards this process holds. With one process both modes are the same.
+    """
+    n_data = mesh.shape["data"]
+    n_local_shards = _local_data_shards(mesh)
 
     def one(path, x):
         x = np.asarray(x)
+        name = path_str(path)
         if x.ndim < 1:
-            raise ValueError(f"shard_batch: batch leaf '{path_str(path)}' is a scalar; "
+            raise ValueError(f"shard_batch: batch leaf '{name}' is a scalar; "
                              f"every batch leaf needs a leading batch axis")
-        if x.shape[0] % n_shards:
+        sharding = batch_sharding(mesh, x.ndim)
+        if not process_local:
+            if x.shape[0] % n_data:
+                raise ConfigError(
+                    f"shard_batch: batch leaf '{name}' has leading dim {x.shape[0]}, which "
+                    f"does not divide by the {n_data} data shards of the mesh (mesh.data); "
+                    f"choose a batch_size that is a multiple of it, or pad_batch()")
+            # Each process's callback is asked only for its own devices' blocks.
+            return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+        if x.shape[0] % n_local_shards:
             raise ConfigError(
-                f"shard_batch: batch leaf '{path_str(path)}' has leading dim {x.shape[0]}, "
-                f"which does not divide by the {n_shards} data shards of the mesh "
-                f"(mesh.data); choose a batch_size that is a multiple of it, or pad_batch()")
-        return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x)
+                f"shard_batch: process-local batch leaf '{name}' has leading dim "
+                f"{x.shape[0]}, which does not divide by the {n_local_shards} data shards "
+                f"this process holds")
+        global_shape = (x.shape[0] // n_local_shards * n_data,) + x.shape[1:]
+        return jax.make_array_from_process_local_data(sharding, x, global_shape)
 
     return jax.tree_util.tree_map_with_path(one, batch)
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from t2i_mia.adversary.metrics import METRIC_KEYS
 from t2i_mia.errors import DataError
+from t2i_mia.parallel.distributed import is_primary
 from t2i_mia.report import plots
 
 SCHEMA_VERSION = 1
@@ -326,6 +327,9 @@ def write_report(out_dir: str | os.PathLike, report: Mapping, roc_curves: Mappin
         "labels": {0,1}[M], "captions": list[str]} for ``samples.png``.
     Returns: {"json", "md", "roc", "samples"?} -> written paths. Nothing is written when the
       report is invalid; every file is replaced atomically (tmp file + os.replace).
+
+    Several processes (multi-host): every process validates (so a bad report fails
+    everywhere alike) and gets the paths, but only the primary process writes the files.
     """
     report = dict(report)
     report.setdefault("schema_version", SCHEMA_VERSION)
@@ -338,13 +342,16 @@ def write_report(out_dir: str | os.PathLike, report: Mapping, roc_curves: Mappin
         if missing:
             raise DataError(f"write_report: sample_grid misses {sorted(missing)}")
     out_dir = os.fspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
     paths = {"json": os.path.join(out_dir, "report.json"),
              "md": os.path.join(out_dir, "report.md"),
              "roc": os.path.join(out_dir, "roc.png")}
-    plots.plot_roc(paths["roc"], roc_curves)
     if sample_grid is not None:
         paths["samples"] = os.path.join(out_dir, "samples.png")
+    if not is_primary():
+        return paths
+    os.makedirs(out_dir, exist_ok=True)
+    plots.plot_roc(paths["roc"], roc_curves)
+    if sample_grid is not None:
         plots.plot_samples(paths["samples"], sample_grid["queries"], sample_grid["generated"],
                            sample_grid["labels"], sample_grid["captions"])
     _write_text_atomic(paths["md"], md)
