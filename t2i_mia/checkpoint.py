@@ -14,7 +14,10 @@ folder, which :func:`latest_step` ignores and the next save's manager deletes. S
 synchronous (``enable_async_checkpointing=False``): when ``save_checkpoint`` returns the step
 is on disk, so a SIGKILL right after it cannot lose it.
 
-All functions must be called by every process of a multi-host job (orbax coordinates them).
+All functions must be called by every process of a multi-host job (orbax coordinates them:
+each process writes its own shards, the primary the metadata and the commit). The folder
+must therefore be one that every process sees at the same path (one machine, NFS, a FUSE
+mounted bucket); on per-host local disks a step would be split across machines.
 """
 
 from __future__ import annotations
