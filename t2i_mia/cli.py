@@ -192,6 +192,9 @@ def _data_location(cfg: Config) -> str:
 def run_main(fn, argv=None) -> int:
     """Runs an entry point, turning our errors into one clear line and exit code 2."""
     try:
+        from t2i_mia.parallel.distributed import initialize_from_env
+        # jax.distributed from T2I_MIA_* / a multi-worker TPU slice; a no-op on one host
+        initialize_from_env()
         return fn(argv) or 0
     except T2IMiaError as e:
         print(f"error: {e}", file=sys.stderr)

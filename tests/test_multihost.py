@@ -317,12 +317,9 @@ def test_two_processes_sample_like_one(generate_runs):
 
 @pytest.mark.slow
 def test_two_processes_ldm_target_generate(generate_runs):
-    """LDMTarget.generate itself on 2 processes. It passes host numpy arrays straight to a
-    jit whose input shardings span both processes, which JAX refuses ("Passing non-trivial
-    shardings for numpy inputs is not allowed"); the fix belongs in targets/ldm.py (place
-    the batch with mesh.shard_batch). Marked xfail for exactly that error only."""
+    """LDMTarget.generate itself on 2 processes (each places only its rows of every batch
+    with mesh.shard_batch) equals one process."""
     one, two = generate_runs
-    if "generate_error" in two:
-        pytest.xfail(f"LDMTarget.generate on several processes: {two['generate_error']}")
+    assert "generate_error" not in two, two.get("generate_error")
     diff = np.abs(two["generate"].astype(int) - one["generate"].astype(int))
     assert diff.max() <= 1 and (diff > 0).mean() < 1e-3

@@ -45,7 +45,7 @@ from t2i_mia.models import dallebart as db
 from t2i_mia.models import vqgan as vq
 from t2i_mia.models.text_normalize import fit_token_ids, normalize_text
 from t2i_mia.models.tokenizer import TextTokenizer
-from t2i_mia.parallel.mesh import batch_sharding, pad_batch, replicated
+from t2i_mia.parallel.mesh import batch_sharding, pad_batch, replicated, shard_batch
 from t2i_mia.targets.ldm import to_uint8
 from t2i_mia.targets.protocol import image_keys
 from t2i_mia.training.dalle_train import (encode_tokens, token_nll, train_dallebart,
@@ -217,8 +217,8 @@ class DalleMiniTarget:
                       leave=False, dynamic_ncols=True):
             sl = slice(i, i + bs)
             m = len(keys[sl])
-            im, tk = self._sample(self.params, pad(tok_ids[sl]), pad(tok_mask[sl]),
-                                  pad(keys[sl]))
+            im, tk = self._sample(self.params, *shard_batch(
+                (pad(tok_ids[sl]), pad(tok_mask[sl]), pad(keys[sl])), self.mesh))
             imgs.append(im[:m])
             toks.append(tk[:m])
         h = self.image_size

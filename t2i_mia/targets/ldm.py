@@ -21,7 +21,7 @@ from t2i_mia.config import DiffusionSampleConfig
 from t2i_mia.models import autoencoder_kl, schedulers, unet as unet_lib
 from t2i_mia.models.clip import CLIPTextModel
 from t2i_mia.models.ldm import LDMComponents
-from t2i_mia.parallel.mesh import batch_sharding, pad_batch, replicated
+from t2i_mia.parallel.mesh import batch_sharding, pad_batch, replicated, shard_batch
 from t2i_mia.targets.protocol import image_keys
 from t2i_mia.training.ldm_train import diffusion_loss, encode_latents
 
@@ -123,8 +123,9 @@ class LDMTarget:
             sl = slice(i, i + bs)
             m = len(keys[sl])
             # Pad the last batch to the fixed size so the sampler compiles once.
-            out = self._sample(self.params, *(pad_batch(a[sl], bs)[0]
-                                              for a in (tok_ids, tok_mask, keys)))
+            # Global arrays placed over the mesh (each process copies only its own rows).
+            out = self._sample(self.params, *shard_batch(
+                tuple(pad_batch(a[sl], bs)[0] for a in (tok_ids, tok_mask, keys)), self.mesh))
             outs.append(out[:m])
         images = jnp.concatenate(outs, axis=0)
         return images.reshape((n, k) + images.shape[1:])
