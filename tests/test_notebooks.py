@@ -1,0 +1,206 @@
+"""The notebooks in notebooks/ run top to bottom at the ``ci`` preset (nbclient + ipykernel).
+
+Parameters are injected by replacing the source of the cell tagged ``parameters`` with
+assignments of every name that cell defines. The notebooks share the audit tests'
+session work dir (``audit_dirs`` in conftest.py), so the quick start, which runs exactly
+the ``ci`` preset, reuses the models tests/test_audit.py trained, and the other two reuse
+the autoencoder, tokenizer and encoder (their split sizes keep ``pretrain`` and
+``auxiliary`` at the ``ci`` preset's). The repository copies must have no outputs.
+"""
+
+import ast
+import json
+import os
+import pathlib
+import time
+
+import nbformat
+import pytest
+
+from t2i_mia.config import load_config
+from t2i_mia.report.writer import validate_report
+
+NB_DIR = pathlib.Path(__file__).resolve().parents[1] / "notebooks"
+NOTEBOOKS = ("01_quickstart.ipynb", "02_audit_your_checkpoint.ipynb", "03_ablations.ipynb")
+PNG = b"\x89PNG\r\n\x1a\n"
+
+# The ablation notebook at ci: 32 members vs 32 non-members, 50 training steps at batch 16,
+# 2-value grids. The splits before `auxiliary` sum to the ci preset's (832), so `pretrain`
+# and `auxiliary` are the ci preset's and their models come from the cache.
+ABLATION_CI = {
+    "BASE_OVERRIDES": {
+        "data.splits.target_members": 32, "data.splits.target_nonmembers": 32,
+        "data.splits.target_known_members": 0, "data.splits.target_known_nonmembers": 448,
+        "data.splits.shadow_members": 32, "data.splits.shadow_nonmembers": 32,
+        "ldm.train.steps": 50, "ldm.train.batch_size": 16, "ldm.train.warmup_steps": 10,
+        "adversary.white_box": False, "adversary.n_bootstrap": 50,
+    },
+    "TRAIN_SIZES": [16, 32],
+    "TRAIN_STEPS": [25, 50],
+    "KS": [1, 2],
+    "AUX_SIZES": [16, 32],
+    "CAPTION_SOURCES": ["ground_truth", "captioner"],
+    "PLOT_ATTACKS": ["pixel", "semantic", "combined"],
+}
+
+
+def _parameters_cell(nb) -> nbformat.NotebookNode:
+    tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1, f"expected one cell tagged 'parameters', found {len(tagged)}"
+    first_code = next(c for c in nb.cells if c.cell_type == "code")
+    assert tagged[0] is first_code, "the parameters cell must be the first code cell"
+    return tagged[0]
+
+
+def _assigned_names(source: str) -> set[str]:
+    return {t.id for node in ast.parse(source).body if isinstance(node, ast.Assign)
+            for t in node.targets if isinstance(t, ast.Name)}
+
+
+def _execute(name: str, params: dict, cwd: pathlib.Path) -> nbformat.NotebookNode:
+    """Runs the notebook with ``params`` replacing its parameters cell; returns it executed
+    (a failing cell raises nbclient's CellExecutionError with the cell's traceback)."""
+    from nbclient import NotebookClient
+    nb = nbformat.read(NB_DIR / name, as_version=4)
+    cell = _parameters_cell(nb)
+    # The injected cell replaces the notebook's: it must set every parameter, and only those.
+    assert set(params) == _assigned_names(cell.source), (name, sorted(params))
+    cell.source = "\n".join(f"{k} = {v!r}" for k, v in params.items())
+    cwd.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    # The kernel inherits this process's environment (conftest's XLA_FLAGS, JAX_PLATFORMS).
+    NotebookClient(nb, timeout=3600, kernel_name="python3",
+                   resources={"metadata": {"path": str(cwd)}}).execute()
+    print(f"{name}: executed in {time.perf_counter() - t0:.0f} s")
+    return nb
+
+
+def _outputs(nb):
+    return [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+
+
+def _n_images(nb) -> int:
+    return sum("image/png" in o.get("data", {}) for o in _outputs(nb))
+
+
+def _model_dirs(work: str) -> set[str]:
+    d = os.path.join(work, "models")
+    return set(os.listdir(d)) if os.path.isdir(d) else set()
+
+
+def _read_report(path) -> dict:
+    with open(path) as f:
+        report = json.load(f)
+    validate_report(report)
+    return report
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_is_stripped_and_parameterised(name):
+    """Committed without outputs; one tagged parameters cell selecting the preset and the
+    folders; a Colab install cell that only runs on Colab."""
+    nb = nbformat.read(NB_DIR / name, as_version=4)
+    nbformat.validate(nb)
+    for i, c in enumerate(nb.cells):
+        if c.cell_type == "code":
+            assert c.outputs == [] and c.execution_count is None, f"{name}: cell {i} has outputs"
+    params = _assigned_names(_parameters_cell(nb).source)
+    assert {"PRESET", "WORK_DIR", "OUT_DIR"} <= params
+    assert 'PRESET = "tiny"' in _parameters_cell(nb).source  # the users' default
+    install = [c for c in nb.cells if c.cell_type == "code" and "pip install" in c.source]
+    assert len(install) == 1 and '"google.colab" in sys.modules' in install[0].source
+
+
+@pytest.mark.slow
+def test_quickstart_notebook(audit_dirs, tmp_path):
+    tmp, work = audit_dirs
+    before = _model_dirs(work)
+    out = tmp_path / "out"
+    nb = _execute("01_quickstart.ipynb", {"PRESET": "ci", "OVERRIDES": [], "WORK_DIR": work,
+                                          "OUT_DIR": str(out)}, tmp_path)
+    report = _read_report(out / "report.json")
+    assert report["config"] == load_config("ci").to_dict()
+    assert report["n_eval"] == {"members": 128, "nonmembers": 128}
+    for f in ("report.md", "roc.png", "samples.png", "manifest.json"):
+        assert (out / f).is_file(), f
+    assert (out / "roc.png").read_bytes()[:8] == PNG
+    # shown in the notebook: the report table and both figures
+    assert _n_images(nb) >= 2
+    assert any("combined" in o.get("data", {}).get("text/markdown", "") for o in _outputs(nb))
+    # With the ci models already cached (tests/test_audit.py ran first in this session, or a
+    # warm $T2I_MIA_TEST_WORK), the quick start trains nothing new.
+    kinds = ("vae-", "tokenizer-", "encoder-", "ldm-target-", "ldm-shadow-")
+    if all(any(d.startswith(k) for d in before) for k in kinds):
+        assert _model_dirs(work) == before, sorted(_model_dirs(work) - before)
+
+
+@pytest.mark.slow
+def test_audit_your_checkpoint_notebook(audit_dirs, tmp_path):
+    """The demo data folder (the ci data set written as PNG + .txt) and a checkpoint trained
+    on its target members, audited through --target-dir and --data folder."""
+    tmp, work = audit_dirs
+    out = tmp_path / "out"
+    _execute("02_audit_your_checkpoint.ipynb",
+             {"PRESET": "ci", "OVERRIDES": ["adversary.white_box=false"], "WORK_DIR": work,
+              "OUT_DIR": str(out), "DATA_DIR": None, "TARGET_DIR": None}, tmp_path)
+    data, ckpt = out / "demo_data", out / "checkpoint"
+    pngs = sorted(data.glob("*.png"))
+    assert len(pngs) >= 1088 and all(p.with_suffix(".txt").is_file() for p in pngs)
+    assert (ckpt / "model_index.json").is_file() and (ckpt / "unet").is_dir()
+    report = _read_report(out / "report" / "report.json")
+    assert report["target"] == f"ldm:{ckpt}"
+    assert report["data"] == "folder"
+    assert report["config"]["data"]["data_dir"] == str(data)
+    assert report["n_eval"] == {"members": 128, "nonmembers": 128}
+    # the checkpoint was trained on exactly the members the audit evaluates
+    from t2i_mia.data.splits import SplitManifest
+    assert SplitManifest.load(ckpt / "manifest.json").sha256() == report["manifest_sha256"]
+    for f in ("roc.png", "samples.png", "report.md"):
+        assert (out / "report" / f).is_file(), f
+
+
+@pytest.mark.slow
+def test_ablations_notebook(audit_dirs, tmp_path):
+    tmp, work = audit_dirs
+    before = _model_dirs(work)
+    out = tmp_path / "out"
+    nb = _execute("03_ablations.ipynb", {"PRESET": "ci", "WORK_DIR": work,
+                                         "OUT_DIR": str(out), **ABLATION_CI}, tmp_path)
+    assert (out / "ablations.png").read_bytes()[:8] == PNG
+    assert _n_images(nb) >= 1
+    with open(out / "ablations.json") as f:
+        summary = json.load(f)
+    grids = {"training-set size": "TRAIN_SIZES", "training steps": "TRAIN_STEPS",
+             "generated images k": "KS", "auxiliary size": "AUX_SIZES",
+             "caption source": "CAPTION_SOURCES"}
+    assert set(summary["ablations"]) == set(grids)
+    runs = set()
+    for name, param in grids.items():
+        abl = summary["ablations"][name]
+        assert abl["values"] == ABLATION_CI[param]
+        assert [r["value"] for r in abl["runs"]] == ABLATION_CI[param]
+        for r in abl["runs"]:
+            report = _read_report(r["report"])
+            assert r["combined_auc"] == report["attacks"]["combined"]["mlp"]["auc"]
+            runs.add(r["run"])
+            cfg = report["config"]
+            if name == "training-set size":
+                assert cfg["data"]["splits"]["target_members"] == r["value"]
+            elif name == "training steps":
+                assert cfg["ldm"]["train"]["steps"] == r["value"]
+            elif name == "generated images k":
+                assert report["k"] == r["value"]
+            elif name == "auxiliary size":
+                assert report["n_attack_train"] == {"members": r["value"],
+                                                    "nonmembers": r["value"]}
+            else:
+                assert report["caption_source"] == r["value"]
+    # Every grid holds the base point, which ran once: 1 base + 1 other value per ablation.
+    assert len(runs) == 6
+    # New models: targets (16 members; 25 steps; base) and shadows (16; 25 steps; base).
+    # The autoencoder, tokenizer and encoder are the ci preset's (cached by the quick start).
+    new = _model_dirs(work) - before
+    assert sum(d.startswith("ldm-target-") for d in new) <= 3
+    assert sum(d.startswith("ldm-shadow-") for d in new) <= 3
+    if any(d.startswith("encoder-") for d in before):
+        assert not [d for d in new if not d.startswith(("ldm-target-", "ldm-shadow-"))], new
