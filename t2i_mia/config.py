@@ -193,7 +193,9 @@ def _ci_tiny_ldm(size: str) -> LDMConfig:
             "sample_size": 8, "in_channels": 4, "out_channels": 4,
             "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
             "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
-            "block_out_channels": [32, 64],
+            # [64, 128] memorises several times better than [32, 64] at ~1.4x the step time
+            # (ci, 128 members, 1000 steps: pixel MSE AUC 0.93 vs 0.83)
+            "block_out_channels": [64, 128],
             "layers_per_block": 1, "attention_head_dim": 8, "cross_attention_dim": 64,
             "flip_sin_to_cos": True, "freq_shift": 0, "use_linear_projection": False,
         },
@@ -212,9 +214,12 @@ def _ci_tiny_ldm(size: str) -> LDMConfig:
             "timestep_spacing": "leading",
         },
         vocab_size=512, max_text_length=24, caption_dropout=0.1,
-        vae_train=TrainConfig(steps=100 if small else 300, batch_size=32,
+        # The autoencoder bounds what any attack can see: after 100 steps its reconstructions
+        # lost the objects (MSE 0.019 on [0,1] pixels) and the LDM's pixel AUC was 0.62;
+        # after 600 steps (MSE 0.007) the same LDM reached 0.83.
+        vae_train=TrainConfig(steps=600, batch_size=32,
                               learning_rate=2e-3, warmup_steps=20, checkpoint_every=200),
-        train=TrainConfig(steps=1000 if small else 4000, batch_size=32, learning_rate=3e-3,
+        train=TrainConfig(steps=1000 if small else 3000, batch_size=32, learning_rate=3e-3,
                           warmup_steps=50, checkpoint_every=500 if small else 1000),
         sample=DiffusionSampleConfig(num_inference_steps=10, guidance_scale=3.0, eta=0.0,
                                      batch_size=64 if small else 128),
