@@ -157,7 +157,7 @@ def test_encoder_folder_of_wrong_format(audit_dirs, tmp_path):
 def test_memorisation_members_closer_than_nonmembers(base, audit_dirs):
     """The LDM memorises: pixel MSE between each query image and the best of k=4 images
     generated from its caption is lower for the target's 128 members than for 128
-    non-members (one-sided Mann-Whitney p < 0.05); the model trained without them (the
+    non-members (one-sided Mann-Whitney p < 0.01); the model trained without them (the
     shadow, same architecture and steps, disjoint members) shows no significant gap."""
     import jax
     from scipy.stats import mannwhitneyu
@@ -193,7 +193,5 @@ def test_memorisation_members_closer_than_nonmembers(base, audit_dirs):
     p_target = mannwhitneyu(mse(target, mem), mse(target, non), alternative="less").pvalue
     p_null = mannwhitneyu(mse(null, mem), mse(null, non), alternative="less").pvalue
     print(f"memorisation: p_target={p_target:.3g} p_null={p_null:.3g}")
-    # At the ci preset (1000 steps) the gap is significant at 5% (measured p = 0.018); the
-    # issue's p < 0.01 needs more training than the test suite can afford (see README).
-    assert p_target < 0.05, (p_target, p_null)
-    assert p_null >= 0.05, (p_target, p_null)
+    assert p_target < 0.01, (p_target, p_null)
+    assert p_null >= 0.01, (p_target, p_null)
