@@ -42,7 +42,7 @@ Records:
   caption. A record with no such caption is a DataError naming it.
 - Image: converted to RGB, shorter side resized to ``data.image_size`` (BICUBIC) and the
   centre square cropped, with the same rule as the folder reader
-  (``webdataset.fit_square``).
+  (``images.fit_square``).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ import numpy as np
 from PIL import Image
 
 from t2i_mia.data.records import Record
-from t2i_mia.data.webdataset import fit_square
+from t2i_mia.data.images import fit_square
 from t2i_mia.errors import ConfigError, DataError
 
 DEFAULT_NAME = "coco_captions"

@@ -13,6 +13,23 @@ from t2i_mia.errors import DataError
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
+def fit_square(im: Image.Image, size: int) -> np.ndarray:
+    """uint8[size, size, 3]: RGB, shorter side resized to ``size`` (BICUBIC), centre crop
+    (offsets rounded down). A ``size`` x ``size`` image keeps its exact pixels. The one
+    resize rule of every reader (files, shards, TFDS records)."""
+    im = im.convert("RGB")
+    w, h = im.size
+    if (w, h) != (size, size):
+        if w <= h:
+            nw, nh = size, max(size, (h * size + w // 2) // w)
+        else:
+            nw, nh = max(size, (w * size + h // 2) // h), size
+        im = im.resize((nw, nh), Image.Resampling.BICUBIC)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        im = im.crop((left, top, left + size, top + size))
+    return np.ascontiguousarray(np.asarray(im, dtype=np.uint8))
+
+
 def load_image(path: str | os.PathLike, size: int) -> np.ndarray:
     """Decodes an image file to uint8[size, size, 3].
 
@@ -38,16 +55,7 @@ def load_image(path: str | os.PathLike, size: int) -> np.ndarray:
             Image.DecompressionBombError) as e:
         # Pillow reports corrupt or truncated files with several unrelated exception types.
         raise DataError(f"{path}: not a decodable image (expected PNG/JPEG/...; {e})") from e
-    w, h = im.size
-    if (w, h) != (size, size):
-        if w <= h:
-            nw, nh = size, max(size, (h * size + w // 2) // w)
-        else:
-            nw, nh = max(size, (w * size + h // 2) // h), size
-        im = im.resize((nw, nh), Image.Resampling.BICUBIC)
-        left, top = (nw - size) // 2, (nh - size) // 2
-        im = im.crop((left, top, left + size, top + size))
-    out = np.asarray(im, dtype=np.uint8)
+    out = fit_square(im, size)
     if out.shape != (size, size, 3):
         raise DataError(f"{path}: decoded to shape {list(out.shape)}, expected "
                         f"[{size}, {size}, 3]")

@@ -59,6 +59,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from t2i_mia.data.records import MAX_ID, Record
+from t2i_mia.data.images import fit_square
 from t2i_mia.errors import DataError
 
 log = logging.getLogger("t2i_mia")
@@ -76,26 +77,6 @@ _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
 
 
 # ----------------------------------------------------------------------------- images
-
-def fit_square(im: Image.Image, size: int) -> np.ndarray:
-    """uint8[size, size, 3]: RGB, shorter side resized to ``size`` (BICUBIC), centre crop.
-
-    The same rule and rounding as ``images.load_image`` (a test checks they agree), for
-    images that come as bytes or arrays instead of files. A ``size`` x ``size`` image keeps
-    its exact pixels.
-    """
-    im = im.convert("RGB")
-    w, h = im.size
-    if (w, h) != (size, size):
-        if w <= h:
-            nw, nh = size, max(size, (h * size + w // 2) // w)
-        else:
-            nw, nh = max(size, (w * size + h // 2) // h), size
-        im = im.resize((nw, nh), Image.Resampling.BICUBIC)
-        left, top = (nw - size) // 2, (nh - size) // 2
-        im = im.crop((left, top, left + size, top + size))
-    return np.ascontiguousarray(np.asarray(im, dtype=np.uint8))
-
 
 def _open_image(data: bytes, where: str) -> Image.Image:
     """Fully decoded PIL image (EXIF orientation applied); DataError naming ``where``."""
