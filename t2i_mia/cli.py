@@ -21,8 +21,9 @@ log = logging.getLogger("t2i_mia")
 
 SHARED_EPILOG = """\
 configuration:
-  --config takes a preset (ci: ~1 min audits for tests; tiny: the embedded default, <= 10 min
-  on 2 CPU cores; paper-ldm / paper-dalle: paper scale for accelerators) or a JSON file whose
+  --config takes a preset (ci: 128 vs 128, the tests' audits, ~10-15 min cold on 2 CPU cores;
+  tiny: the embedded default, 500 vs 500, ~1.5 h cold on 2 CPU cores for the LDM, mostly
+  training; paper-ldm / paper-dalle: paper scale for accelerators) or a JSON file whose
   keys override the preset named by its "preset" key. --set key=value (repeatable) overrides
   one value; values are JSON when they parse (3, 0.5, true, [32,64], null), else strings.
   Examples:
