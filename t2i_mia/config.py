@@ -29,6 +29,7 @@ TARGETS = ("ldm", "dalle-mini", "generations")
 DATA_SOURCES = ("synthetic", "folder", "coco", "cc3m")
 CAPTION_SOURCES = ("ground_truth", "captioner")
 AUX_MODES = ("shadow", "partial")
+MLP_EMBEDDINGS = ("auto", "always", "never")
 
 
 @dataclass
@@ -96,6 +97,9 @@ class LDMConfig:
     vocab_size: int = 512
     max_text_length: int = 24
     caption_dropout: float = 0.1
+    # Training timesteps t = floor(T * u**(1/p)), u ~ U[0,1): 1 is uniform (DDPM); p > 1 puts
+    # more of the training on high noise, where the sampler decides an image's content.
+    timestep_power: float = 1.0
     vae_kl_weight: float = 1e-6
     vae_train: TrainConfig = field(default_factory=TrainConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -130,6 +134,9 @@ class EncoderConfig:
     clip: dict = field(default_factory=dict)
     vocab_size: int = 512
     max_text_length: int = 24
+    # Weight of the SLIP-style image-image contrastive term (0 = plain CLIP training); see
+    # t2i_mia.training.clip_train.
+    image_ssl_weight: float = 0.0
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -142,6 +149,11 @@ class MLPConfig:
     max_epochs: int = 300
     patience: int = 30
     val_fraction: float = 0.2
+    # Vector features (the embeddings) as MLP inputs: "auto" fits the MLP with and without
+    # them and keeps the lower validation loss (on attack-training data only); "always" or
+    # "never" force the choice. Hundreds of embedding inputs over ~10^3 attack-training rows
+    # can drown the few informative scalar features.
+    embeddings: str = "auto"
 
 
 @dataclass
@@ -562,10 +574,15 @@ def validate(cfg: Config) -> Config:
            f"expected one of {AUX_MODES}, got {a.aux_mode!r}")
     _check(a.k >= 1, "adversary.k", f"must be >= 1, got {a.k}")
     _check(0.0 < a.mlp.val_fraction < 0.5, "adversary.mlp.val_fraction", "must be in (0, 0.5)")
+    _check(a.mlp.embeddings in MLP_EMBEDDINGS, "adversary.mlp.embeddings",
+           f"expected one of {MLP_EMBEDDINGS}, got {a.mlp.embeddings!r}")
     _check(a.n_bootstrap >= 0, "adversary.n_bootstrap", "must be >= 0")
     _check(cfg.mesh.model >= 1, "mesh.model", "must be >= 1")
     _check(cfg.mesh.data == -1 or cfg.mesh.data >= 1, "mesh.data", "must be -1 or >= 1")
     _check(0.0 <= cfg.ldm.caption_dropout < 1.0, "ldm.caption_dropout", "must be in [0, 1)")
+    _check(cfg.ldm.timestep_power > 0, "ldm.timestep_power", "must be > 0")
+    _check(cfg.adversary.encoder.image_ssl_weight >= 0, "adversary.encoder.image_ssl_weight",
+           "must be >= 0")
     _check(cfg.ldm.sample.eta >= 0.0, "ldm.sample.eta", "must be >= 0")
     _check(0.0 <= cfg.dalle.caption_dropout < 1.0, "dalle.caption_dropout", "must be in [0, 1)")
     for name, t in (("ldm.train", cfg.ldm.train), ("ldm.vae_train", cfg.ldm.vae_train),

@@ -19,7 +19,7 @@ from t2i_mia.models.clip import (CLIP_MEAN, CLIP_STD, CLIPConfig, CLIPModel, CLI
                                  load_clip, load_clip_text, preprocess_images, save_clip,
                                  save_clip_text)
 from t2i_mia.models.tokenizer import TextTokenizer
-from t2i_mia.training.clip_train import train_clip
+from t2i_mia.training.clip_train import augment, train_clip
 
 FIXTURE = REFERENCE / "clip"
 
@@ -256,3 +256,55 @@ def test_train_clip_rejects_mismatched_tokenizer():
     with pytest.raises(DataError, match="captions"):
         train_clip(images[:5], captions, tok, _tiny_config(tok.vocab_size), steps=1,
                    batch_size=4, lr=1e-3, seed=0, progress=False)
+
+
+def _instance_retrieval(params, cfg, images, seed):
+    """Share of augmented views whose nearest original (cosine of image embeddings) is their
+    own image."""
+    x = preprocess_images(images, cfg.vision_config.image_size)
+    emb = jax.jit(lambda p, v: CLIPModel(cfg).apply(p, v, method="get_image_features"))
+    a = np.asarray(emb(params, x))
+    b = np.asarray(emb(params, augment(jax.random.key(seed), jnp.asarray(x))))
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return float(np.mean(np.argmax(b @ a.T, axis=1) == np.arange(len(images))))
+
+
+def test_augment_is_mild_and_seeded():
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 16, 16, 3)), jnp.float32)
+    a = augment(jax.random.key(1), x)
+    assert a.shape == x.shape
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(augment(jax.random.key(1), x)))
+    assert not np.allclose(np.asarray(a), np.asarray(augment(jax.random.key(2), x)))
+
+
+@pytest.mark.slow  # ~30 s on 2 shared cores, mostly compilation
+def test_image_ssl_term_makes_image_embeddings_instance_specific():
+    # 32 images, 4 captions: the captions name the colour only; each image's square position
+    # and background gradient are its own. Caption-image training cannot tell images with
+    # one caption apart; with the image-image term their embeddings must differ.
+    rng = np.random.default_rng(0)
+    colours = list(COLOURS.values())[:4]
+    yy, xx = np.mgrid[0:16, 0:16] / 15.0
+    images, captions = [], []
+    for i in range(32):
+        a, b = rng.uniform(-1, 1, 2)
+        bg = np.repeat((45 + 25 * (a * xx + b * yy))[..., None], 3, -1)
+        img = (bg + rng.uniform(-15, 15, 3)).astype(np.uint8)
+        y, x = rng.integers(0, 10, 2)
+        img[y:y + 6, x:x + 6] = colours[i % 4]
+        images.append(img)
+        captions.append(f"a {list(COLOURS)[i % 4]} square")
+    images = np.stack(images)
+    tok = TextTokenizer.train(captions, 300, 12)
+    cfg = _tiny_config(tok.vocab_size)
+    kw = dict(steps=300, batch_size=32, lr=2e-3, seed=0, progress=False)
+    plain = train_clip(images, captions, tok, cfg, **kw)
+    slip = train_clip(images, captions, tok, cfg, image_ssl_weight=1.0, **kw)
+    acc_plain = _instance_retrieval(plain, cfg, images, 5)
+    acc_slip = _instance_retrieval(slip, cfg, images, 5)
+    # measured: 0.25 without, 0.66 with the term (chance 1/32)
+    assert acc_slip >= 0.5 and acc_slip > acc_plain + 0.2, (acc_plain, acc_slip)
+    with pytest.raises(ConfigError, match="image_ssl_weight"):
+        train_clip(images, captions, tok, cfg, steps=1, batch_size=4, lr=1e-3, seed=0,
+                   image_ssl_weight=-1.0, progress=False)

@@ -119,16 +119,49 @@ def attack_features(encoder, query: QuerySet, gen: jax.Array,
     return {name: np.asarray(v) for name, v in feats.items()}
 
 
+class FittedMLP:
+    """An attack's MLP and the inputs it was fitted on (with or without vector features)."""
+
+    def __init__(self, clf: MLPAttack, attack: str, vectors: bool):
+        self.clf, self.attack, self.vectors = clf, attack, vectors
+
+    def matrix(self, features: dict) -> np.ndarray:
+        return F.feature_matrix(features, self.attack, vectors=self.vectors)
+
+    def score(self, features: dict) -> np.ndarray:
+        return self.clf.score(self.matrix(features))
+
+    def predict(self, features: dict) -> np.ndarray:
+        return self.clf.predict(self.matrix(features))
+
+
+def fit_mlp(cfg: Config, features: dict, attack: str, y: np.ndarray, seed: int) -> FittedMLP:
+    """The attack's MLP fitted on attack-training ``features``/``y``. With
+    ``adversary.mlp.embeddings = "auto"`` and vector features present, it is fitted with and
+    without them (same validation split) and the lower best validation loss wins (ties:
+    without)."""
+    mode = cfg.adversary.mlp.embeddings
+    options = [mode == "always"] if mode != "auto" else [False, True]
+    if not F.has_vector_features(features, attack):
+        options = [False]
+    best = None
+    for vectors in options:
+        clf = _mlp(cfg, seed).fit(F.feature_matrix(features, attack, vectors=vectors), y)
+        val = clf.history_["val_loss"]
+        loss = float(val[clf.best_epoch_]) if len(val) else float("inf")
+        if best is None or loss < best[0]:
+            best = (loss, FittedMLP(clf, attack, vectors))
+    return best[1]
+
+
 def _fit_attacks(cfg: Config, train_f: dict, train_y: np.ndarray, seed: int):
     """MLP per attack + threshold per scalar feature, fitted on attack-training data only."""
-    m = cfg.adversary.mlp
     mlps, thresholds = {}, {}
     for attack in ATTACKS:
-        x = F.feature_matrix(train_f, attack)
-        mlps[attack] = MLPAttack(hidden=tuple(m.hidden), lr=m.learning_rate,
-                                 weight_decay=m.weight_decay, batch_size=m.batch_size,
-                                 max_epochs=m.max_epochs, patience=m.patience,
-                                 val_fraction=m.val_fraction, seed=seed).fit(x, train_y)
+        mlps[attack] = fit_mlp(cfg, train_f, attack, train_y, seed)
+        log.info("attack %s: MLP on %s", attack,
+                 "scalar features and embeddings" if mlps[attack].vectors
+                 else "scalar features")
     for name in F.scalar_feature_names(train_f):
         thresholds[name] = ThresholdAttack().fit(train_f[name], train_y)
     return mlps, thresholds
@@ -280,9 +313,8 @@ def run_audit(cfg: Config, paths: RunPaths, progress: bool = True) -> dict:
         attacks_report, roc_curves = {}, {}
         for attack in ATTACKS:
             clf = mlps[attack]
-            x = F.feature_matrix(f_eval, attack)
-            scores = clf.score(x)
-            block = {"mlp": M.evaluate(scores, clf.predict(x), y, a.n_bootstrap, seed),
+            scores = clf.score(f_eval)
+            block = {"mlp": M.evaluate(scores, clf.predict(f_eval), y, a.n_bootstrap, seed),
                      "threshold": {}}
             fpr, tpr, _ = M.roc_curve(scores, y)
             roc_curves[f"{attack} (MLP)"] = (fpr, tpr)
@@ -294,21 +326,18 @@ def run_audit(cfg: Config, paths: RunPaths, progress: bool = True) -> dict:
             attacks_report[attack] = block
 
     with timer.phase("controls"):
-        clf = mlps["combined"]
-        x_null = F.feature_matrix(f_null, "combined")
-        null_scores = clf.score(x_null)
+        null_scores = mlps["combined"].score(f_null)
         # An MLP fitted to shuffled labels is a random function of informative features: one
         # shuffle's AUC scatters away from 0.5 with no leak at all (its sign is arbitrary).
         # The control is the procedure "fit on shuffled labels": the mean AUC over
         # N_SHUFFLES shuffles, with a two-level bootstrap CI (evaluation resamples x
         # shuffles). A leak pushes every shuffle the same way and still excludes 0.5.
-        x_tr = F.feature_matrix(f_train, "combined")
-        x_ev = F.feature_matrix(f_eval, "combined")
         shuf_scores = []
         for r in range(N_SHUFFLES):
             rng = np.random.Generator(np.random.PCG64([seed, 7, r]))
-            shuf_scores.append(
-                _mlp(cfg, seed + r).fit(x_tr, rng.permutation(trainset.labels)).score(x_ev))
+            shuf_scores.append(fit_mlp(cfg, f_train, "combined",
+                                       rng.permutation(trainset.labels), seed + r
+                                       ).score(f_eval))
 
         def auc_block(sc):
             ci = M.bootstrap_ci(M.roc_auc, sc, y, a.n_bootstrap, seed)

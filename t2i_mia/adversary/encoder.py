@@ -105,7 +105,10 @@ def train_or_load_encoder(enc_cfg, images: np.ndarray, captions: list[str], aux_
     from t2i_mia.targets.factory import cache_key
     from t2i_mia.training.clip_train import train_clip
     import dataclasses
-    key = cache_key("clip", dataclasses.asdict(enc_cfg), aux_hash, seed)
+    section = dataclasses.asdict(enc_cfg)
+    if section.get("image_ssl_weight") == 0.0:  # the default keeps earlier cache keys
+        del section["image_ssl_weight"]
+    key = cache_key("clip", section, aux_hash, seed)
     folder = cache.model_dir("encoder", key)
     if cache.done("encoder", key):
         log.info("encoder: cached %s", folder)
@@ -115,7 +118,8 @@ def train_or_load_encoder(enc_cfg, images: np.ndarray, captions: list[str], aux_
                               max_length=enc_cfg.max_text_length)
     t = enc_cfg.train
     params = train_clip(images, captions, tok, cfg, steps=t.steps, batch_size=t.batch_size,
-                        lr=t.learning_rate, seed=seed)
+                        lr=t.learning_rate, seed=seed,
+                        image_ssl_weight=enc_cfg.image_ssl_weight)
     os.makedirs(folder, exist_ok=True)
     save_clip(folder, cfg, params)
     tok.save(folder)

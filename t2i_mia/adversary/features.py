@@ -249,8 +249,11 @@ def scalar_feature_names(features: Mapping[str, object], attack: str | None = No
     return [n for n in _select(features, attack) if np.ndim(features[n]) == 1]
 
 
-def _columns(features: Mapping[str, object], attack: str) -> list[tuple[str, np.ndarray]]:
+def _columns(features: Mapping[str, object], attack: str,
+             vectors: bool = True) -> list[tuple[str, np.ndarray]]:
     names = _select(features, attack)
+    if not vectors:
+        names = [n for n in names if np.ndim(features[n]) == 1]
     if not names:
         raise DataError(f"feature_matrix: no features for attack {attack!r} "
                         f"(prefixes {ATTACKS[attack]}; have {sorted(features)})")
@@ -272,22 +275,29 @@ def _columns(features: Mapping[str, object], attack: str) -> list[tuple[str, np.
     return [(n, arrays[n]) for n in scalars + vectors]
 
 
-def feature_columns(features: Mapping[str, object], attack: str) -> list[str]:
+def feature_columns(features: Mapping[str, object], attack: str,
+                    vectors: bool = True) -> list[str]:
     """The column names of :func:`feature_matrix` (vector features as ``name[i]``)."""
     out = []
-    for n, a in _columns(features, attack):
+    for n, a in _columns(features, attack, vectors):
         out += [n] if a.ndim == 1 else [f"{n}[{i}]" for i in range(a.shape[1])]
     return out
 
 
-def feature_matrix(features: Mapping[str, object], attack: str) -> np.ndarray:
+def has_vector_features(features: Mapping[str, object], attack: str) -> bool:
+    """Whether the attack has vector (f32[N, D]) features, e.g. semantic's embeddings."""
+    return any(np.ndim(features[n]) == 2 for n in _select(features, attack))
+
+
+def feature_matrix(features: Mapping[str, object], attack: str,
+                   vectors: bool = True) -> np.ndarray:
     """The MLP input of an attack: f32[N, F] on the host.
 
-    Columns: the attack's scalar features in sorted name order, then its vector features
-    (sorted by name) flattened; the same order for every call, so a matrix built on
-    attack-training data lines up with one built on evaluation data.
+    Columns: the attack's scalar features in sorted name order, then (if ``vectors``) its
+    vector features (sorted by name) flattened; the same order for every call, so a matrix
+    built on attack-training data lines up with one built on evaluation data.
     Raises DataError for an unknown/empty attack, mismatched N, or non-finite values.
     """
-    cols = _columns(features, attack)
+    cols = _columns(features, attack, vectors)
     return np.concatenate([a[:, None] if a.ndim == 1 else a for _, a in cols],
                           axis=1).astype(np.float32)

@@ -107,6 +107,8 @@ def train_or_load_ldm(cfg: Config, name: str, images: np.ndarray, captions: list
     vae_cfg, vae_params = vae
     train_section = {k: v for k, v in dataclasses.asdict(cfg.ldm).items()
                      if k not in ("vae", "vae_train", "vae_kl_weight", "sample")}
+    if train_section.get("timestep_power") == 1.0:  # the default keeps earlier cache keys
+        del train_section["timestep_power"]
     key = cache_key("ldm", train_section, vae_cfg.to_dict(), members_hash, cfg.seed,
                     cfg.data.image_size)
     folder = cache.model_dir(f"ldm-{name}", key)
@@ -123,6 +125,7 @@ def train_or_load_ldm(cfg: Config, name: str, images: np.ndarray, captions: list
     seed = cfg.seed * 1000 + (int(hashlib.sha256(name.encode()).hexdigest(), 16) % 997)
     params = train_ldm(unet_cfg, text_cfg, sched_cfg, latents, ids, mask, u_ids[0], u_mask[0],
                        cfg.ldm.train, caption_dropout=cfg.ldm.caption_dropout, seed=seed,
+                       timestep_power=cfg.ldm.timestep_power,
                        mesh=mesh, ckpt_dir=cache.ckpt_dir(f"ldm-{name}", key))
     comps = LDMComponents(vae_cfg=vae_cfg, vae_params=vae_params, unet_cfg=unet_cfg,
                           unet_params=params["unet"], text_cfg=text_cfg,
