@@ -124,3 +124,13 @@ def test_generations_target(tmp_path):
         t.generate(["x"], [4], 1)
     with pytest.raises(DataError, match="not found"):
         GenerationsTarget(str(tmp_path / "missing"), 32)
+
+
+def test_timestep_sampling_power():
+    from t2i_mia.training.ldm_train import sample_timesteps
+    key = jax.random.PRNGKey(0)
+    for power, high_share, mean in ((1.0, 0.10, 0.5), (3.0, 1 - 0.9 ** 3, 0.75)):
+        t = np.asarray(sample_timesteps(key, 100_000, 1000, power))
+        assert t.dtype == np.int32 and t.min() >= 0 and t.max() <= 999
+        assert np.mean(t >= 900) == pytest.approx(high_share, abs=0.01)
+        assert np.mean(t) / 1000 == pytest.approx(mean, abs=0.01)
