@@ -288,6 +288,9 @@ def _ci_tiny_encoder(size: str) -> EncoderConfig:
                               "num_attention_heads": 4, "hidden_act": "quick_gelu"},
         },
         vocab_size=512, max_text_length=24,
+        # The image-image term lifts the semantic attack from 0.504 to 0.525 AUC on the
+        # tiny target's generations (captions never name the per-image detail it needs).
+        image_ssl_weight=1.0,
         train=TrainConfig(steps=150 if small else 800, batch_size=64, learning_rate=1e-3,
                           warmup_steps=50),
     )

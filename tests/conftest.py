@@ -8,6 +8,15 @@ if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pathlib  # noqa: E402
+import tempfile  # noqa: E402
+
+# XLA's persistent compilation cache, shared by the suite's processes (inherited by notebook
+# kernels and multi-host workers, which compile the same ci-preset programs again) and by
+# later runs on the same machine. Compiled programs are keyed by their HLO, flags and
+# devices, so a hit runs exactly what a fresh compile would.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      str(pathlib.Path(tempfile.gettempdir()) / "t2i_mia_test_xla_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import pytest  # noqa: E402
 
