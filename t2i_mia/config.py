@@ -165,6 +165,8 @@ class AdversaryConfig:
     mlp: MLPConfig = field(default_factory=MLPConfig)
     n_bootstrap: int = 1000
     white_box: bool = True  # the labelled upper-bound reference (outside the threat model)
+    # side of the downsamples compared by pixel.coarse_mse (0 = leave that feature out)
+    pixel_coarse_side: int = 8
 
 
 @dataclass
@@ -580,6 +582,8 @@ def validate(cfg: Config) -> Config:
     _check(a.mlp.embeddings in MLP_EMBEDDINGS, "adversary.mlp.embeddings",
            f"expected one of {MLP_EMBEDDINGS}, got {a.mlp.embeddings!r}")
     _check(a.n_bootstrap >= 0, "adversary.n_bootstrap", "must be >= 0")
+    _check(a.pixel_coarse_side >= 0, "adversary.pixel_coarse_side",
+           f"must be >= 0 (0 = no coarse pixel feature), got {a.pixel_coarse_side}")
     _check(cfg.mesh.model >= 1, "mesh.model", "must be >= 1")
     _check(cfg.mesh.data == -1 or cfg.mesh.data >= 1, "mesh.data", "must be -1 or >= 1")
     _check(0.0 <= cfg.ldm.caption_dropout < 1.0, "ldm.caption_dropout", "must be in [0, 1)")

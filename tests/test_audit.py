@@ -53,6 +53,7 @@ def test_report_files_and_schema(base):
     assert on_disk["attacks"]["combined"]["mlp"]["tpr_at_fpr_1e-2"] is not None
     assert on_disk["attacks"]["combined"]["mlp"]["min_resolvable_fpr"] == pytest.approx(1 / 128)
     assert "pixel.mse.min" in on_disk["attacks"]["pixel"]["threshold"]
+    assert "pixel.coarse_mse.min" in on_disk["attacks"]["pixel"]["threshold"]
     assert "white-box" in on_disk["white_box_reference"]["note"]
     md = open(os.path.join(out, "report.md")).read()
     assert "null_target" in md and "combined" in md

@@ -56,6 +56,7 @@ def test_unknown_key_names_the_key(override, key):
     ("data.image_size=30", "data.image_size"),
     ("adversary.caption_source=oracle", "adversary.caption_source"),
     ("ldm.sample.eta=-1", "ldm.sample.eta"),
+    ("adversary.pixel_coarse_side=-2", "adversary.pixel_coarse_side"),
 ])
 def test_wrong_type_or_value_names_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

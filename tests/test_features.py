@@ -57,7 +57,7 @@ def test_pixel_features_against_numpy(hw):
     h, w = hw
     q, g = _images(3, 4, h, w)
     g[1, 2] = q[1]  # an exact copy among the generations
-    out = {k: np.asarray(v) for k, v in F.pixel_features(q, g).items()}
+    out = {k: np.asarray(v) for k, v in F.pixel_features(q, g, coarse_side=0).items()}
     assert sorted(out) == ["pixel.l1.mean", "pixel.l1.min", "pixel.mse.mean", "pixel.mse.min",
                            "pixel.ssim.max", "pixel.ssim.mean"]
     d = g.astype(np.float64) - q[:, None].astype(np.float64)
@@ -72,6 +72,35 @@ def test_pixel_features_against_numpy(hw):
     assert out["pixel.mse.min"][1] == 0.0 and out["pixel.l1.min"][1] == 0.0
     assert out["pixel.ssim.max"][1] == pytest.approx(1.0, abs=1e-6)
     assert np.all(out["pixel.ssim.mean"] < out["pixel.ssim.max"])
+
+
+def test_coarse_mse_filters_fine_detail():
+    """pixel.coarse_mse sees colour and layout, not pixel-level texture."""
+    n, k, h, w = 4, 3, 32, 32
+    q, _ = _images(n, k, h, w, seed=3)
+    q = 0.25 + 0.5 * q  # room for the perturbations below inside [0, 1]
+    checker = ((np.indices((h, w)).sum(0) % 2) * 2 - 1)[..., None].astype(np.float32)
+    g = np.repeat(q[:, None], k, axis=1).copy()
+    g[:, 0] += 0.2 * checker  # fine texture only: zero mean over every 2x2 block
+    g[:, 1] += 0.1  # a colour shift: the same at every scale
+    g[:, 2, : h // 2] += 0.2  # layout: the top half brighter
+    out = {name: np.asarray(v) for name, v in F.pixel_features(q, g).items()}
+    d = g.astype(np.float64) - q[:, None]
+    mse = (d ** 2).mean(axis=(2, 3, 4))
+    np.testing.assert_allclose(out["pixel.mse.mean"], mse.mean(1), rtol=1e-5)
+    coarse = np.stack([np.asarray(F.pixel_features(q, g[:, j:j + 1])["pixel.coarse_mse.min"])
+                       for j in range(k)], 1)
+    assert np.all(coarse[:, 0] < 1e-3 * mse[:, 0])  # the checkerboard is gone at 8x8
+    np.testing.assert_allclose(coarse[:, 1], 0.01, rtol=1e-4)  # the shift is not
+    assert np.all(coarse[:, 2] > 0.5 * mse[:, 2])  # a half-image change mostly survives
+    np.testing.assert_allclose(out["pixel.coarse_mse.min"], coarse.min(1), rtol=1e-5)
+    np.testing.assert_allclose(out["pixel.coarse_mse.mean"], coarse.mean(1), rtol=1e-5)
+    # no downsampling when the side is >= the image: the coarse MSE is the MSE
+    full = F.pixel_features(q, g, coarse_side=h)
+    np.testing.assert_allclose(np.asarray(full["pixel.coarse_mse.mean"]), mse.mean(1),
+                               rtol=1e-5)
+    with pytest.raises(ConfigError, match="coarse_side"):
+        F.pixel_features(q, g, coarse_side=-1)
 
 
 def test_ssim_identical_and_uint8_and_batching():
@@ -166,12 +195,12 @@ def test_feature_matrix_assembly():
     feats = {**F.pixel_features(q, g), **F.semantic_features(e_q, e_g),
              **F.faithfulness_features(t, e_g)}
     pixel_names = F.scalar_feature_names(feats, "pixel")
-    assert pixel_names == sorted(pixel_names) and len(pixel_names) == 6
+    assert pixel_names == sorted(pixel_names) and len(pixel_names) == 8
     # vector features are for the MLP only
     assert "semantic.emb_query" not in F.scalar_feature_names(feats)
-    assert len(F.scalar_feature_names(feats)) == 12
+    assert len(F.scalar_feature_names(feats)) == 14
     x = F.feature_matrix(feats, "pixel")
-    assert x.shape == (4, 6) and x.dtype == np.float32
+    assert x.shape == (4, 8) and x.dtype == np.float32
     np.testing.assert_array_equal(x[:, 0], np.asarray(feats[pixel_names[0]]))
     xs = F.feature_matrix(feats, "semantic")
     assert xs.shape == (4, 4 + 6 + 6)
@@ -181,7 +210,7 @@ def test_feature_matrix_assembly():
     assert cols[4] == "semantic.emb_gen_mean[0]" and cols[-1] == "semantic.emb_query[5]"
     np.testing.assert_array_equal(xs[:, 10:], np.asarray(feats["semantic.emb_query"]))
     xc = F.feature_matrix(feats, "combined")
-    assert xc.shape == (4, 2 + 6 + 16)
+    assert xc.shape == (4, 2 + 8 + 16)
     # the order does not depend on dict insertion order
     shuffled = dict(reversed(list(feats.items())))
     np.testing.assert_array_equal(F.feature_matrix(shuffled, "combined"), xc)

@@ -105,12 +105,13 @@ def build_splits(cfg: Config, dataset):
 
 # ----------------------------------------------------------------------------- features
 
-def attack_features(encoder, query: QuerySet, gen: jax.Array,
-                    captions: list[str]) -> dict[str, np.ndarray]:
+def attack_features(encoder, query: QuerySet, gen: jax.Array, captions: list[str],
+                    coarse_side: int = 8) -> dict[str, np.ndarray]:
     """All features of one query set; ``gen`` uint8[N,k,H,W,3] (on device)."""
     n, k = gen.shape[:2]
     q = jnp.asarray(query.images)
-    feats = dict(F.pixel_features(F.to_unit_float(q), F.to_unit_float(gen)))
+    feats = dict(F.pixel_features(F.to_unit_float(q), F.to_unit_float(gen),
+                                  coarse_side=coarse_side))
     q_emb = encoder.embed_images(q)
     g_emb = encoder.embed_images(gen.reshape((n * k,) + gen.shape[2:])).reshape(n, k, -1)
     t_emb = encoder.embed_texts(captions)
@@ -302,9 +303,10 @@ def run_audit(cfg: Config, paths: RunPaths, progress: bool = True) -> dict:
                                 f"{(len(qs.ids),) + expect}")
 
     with timer.phase("features"):
-        f_train = attack_features(encoder, trainset, gen_train, train_caps)
-        f_eval = attack_features(encoder, evalset, gen_eval, eval_caps)
-        f_null = attack_features(encoder, evalset, gen_null, eval_caps)
+        cs = cfg.adversary.pixel_coarse_side
+        f_train = attack_features(encoder, trainset, gen_train, train_caps, cs)
+        f_eval = attack_features(encoder, evalset, gen_eval, eval_caps, cs)
+        f_null = attack_features(encoder, evalset, gen_null, eval_caps, cs)
 
     seed = cfg.seed
     with timer.phase("attack"):

@@ -8,7 +8,12 @@ no host round trip until the caller reads the results.
 Feature names follow ``<attack>.<metric>.<agg>`` (conventions, "Report"):
 
 * pixel (Attack I): ``pixel.mse.{min,mean}``, ``pixel.l1.{min,mean}``,
-  ``pixel.ssim.{max,mean}``: per generated image, then aggregated over the k images.
+  ``pixel.ssim.{max,mean}``: per generated image, then aggregated over the k images; and
+  ``pixel.coarse_mse.{min,mean}``, the MSE between antialiased downsamples (8x8 by default)
+  of the query and each generated image. A partly memorised model reproduces a member's
+  layout and colours before its fine texture; at full resolution the unmemorised texture
+  adds the same noise to members and non-members, which the coarse distance filters out
+  (tiny LDM: MSE(min) AUC 0.709 at 32x32, 0.748 at 8x8).
 * semantic (Attack II): ``semantic.cosine.{max,mean}``, ``semantic.l2.{min,mean}`` (L2 between
   L2-normalised embeddings), and two vector features for the MLP only:
   ``semantic.emb_query`` f32[N, D] and ``semantic.emb_gen_mean`` f32[N, D].
@@ -121,8 +126,16 @@ def _map_queries(fn, xs, batch_size: int | None):
 
 # ----------------------------------------------------------------------------- Attack I
 
-@functools.partial(jax.jit, static_argnames=("batch_size",))
-def pixel_features(query, gen, batch_size: int | None = None) -> dict[str, jax.Array]:
+def _downsample(x: jax.Array, side: int) -> jax.Array:
+    """f32[..., H, W, C] -> f32[..., min(side, H), min(side, W), C], antialiased (low-pass)."""
+    h, w = x.shape[-3], x.shape[-2]
+    shape = x.shape[:-3] + (min(side, h), min(side, w), x.shape[-1])
+    return jax.image.resize(x, shape, method="linear", antialias=True)
+
+
+@functools.partial(jax.jit, static_argnames=("batch_size", "coarse_side"))
+def pixel_features(query, gen, batch_size: int | None = None,
+                   coarse_side: int = 8) -> dict[str, jax.Array]:
     """Pixel-space distances between each query and its k generated images (Attack I).
 
     Args:
@@ -130,8 +143,11 @@ def pixel_features(query, gen, batch_size: int | None = None) -> dict[str, jax.A
       gen: f32[N, k, H, W, 3] in [0, 1] (uint8 is converted), the k images generated from
         query i's caption.
       batch_size: queries per vmapped chunk (bounds memory); None = all at once.
+      coarse_side: side of the downsamples compared by ``pixel.coarse_mse`` (capped at the
+        image size); 0 leaves that feature out.
     Returns:
-      ``pixel.mse.{min,mean}``, ``pixel.l1.{min,mean}``, ``pixel.ssim.{max,mean}``: f32[N].
+      ``pixel.mse.{min,mean}``, ``pixel.l1.{min,mean}``, ``pixel.ssim.{max,mean}`` and
+      (unless ``coarse_side`` is 0) ``pixel.coarse_mse.{min,mean}``: f32[N].
       MSE and L1 are means over pixels and channels; SSIM uses a Gaussian window (see
       :func:`ssim_window`), C1 = 0.01^2, C2 = 0.03^2, averaged over the map and channels.
     """
@@ -142,6 +158,8 @@ def pixel_features(query, gen, batch_size: int | None = None) -> dict[str, jax.A
                         f"{', '.join(map(str, query.shape[1:]))}], got shape {gen.shape}")
     if gen.shape[1] < 1:
         raise DataError("pixel_features: k = 0 generated images per query")
+    if coarse_side < 0:
+        raise ConfigError(f"pixel_features: coarse_side must be >= 0, got {coarse_side}")
     q = _as_float_images(query, "pixel_features: query")
     g = _as_float_images(gen, "pixel_features: gen")
     size, sigma = ssim_window(q.shape[1], q.shape[2])
@@ -153,11 +171,17 @@ def pixel_features(query, gen, batch_size: int | None = None) -> dict[str, jax.A
         mse = jnp.mean(d * d, axis=(1, 2, 3))
         l1 = jnp.mean(jnp.abs(d), axis=(1, 2, 3))
         ssim = _ssim(jnp.broadcast_to(qi[None], gi.shape), gi, w)
-        return {
+        out = {
             "pixel.mse.min": mse.min(), "pixel.mse.mean": mse.mean(),
             "pixel.l1.min": l1.min(), "pixel.l1.mean": l1.mean(),
             "pixel.ssim.max": ssim.max(), "pixel.ssim.mean": ssim.mean(),
         }
+        if coarse_side:
+            dc = _downsample(gi, coarse_side) - _downsample(qi, coarse_side)[None]
+            cmse = jnp.mean(dc * dc, axis=(1, 2, 3))
+            out["pixel.coarse_mse.min"] = cmse.min()
+            out["pixel.coarse_mse.mean"] = cmse.mean()
+        return out
 
     return _map_queries(one, (q, g), batch_size)
 
