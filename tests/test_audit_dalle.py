@@ -10,21 +10,16 @@ import os
 
 import pytest
 
-from t2i_mia.cli import RunPaths
-from t2i_mia.config import load_config
 from t2i_mia.report.writer import validate_report
+from conftest import CI_MODELS, run_ci_audit
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, CI_MODELS]
 
 
 @pytest.fixture(scope="module")
 def dalle_report(audit_dirs):
-    from t2i_mia.adversary.audit import run_audit
     tmp, work = audit_dirs
-    cfg = load_config("ci", ["target=\"dalle-mini\""])
-    out = os.path.join(tmp, "dalle")
-    paths = RunPaths(work_dir=work, out=out, target_dir=None, data_dir=None)
-    return run_audit(cfg, paths, progress=False), out
+    return run_ci_audit(tmp, work, "dalle", target='"dalle-mini"')
 
 
 def test_dalle_audit_report_and_controls(dalle_report):
@@ -33,7 +28,7 @@ def test_dalle_audit_report_and_controls(dalle_report):
         on_disk = json.load(fh)
     validate_report(on_disk)
     assert on_disk["target"] == "dalle-mini"
-    assert on_disk["n_eval"] == {"members": 128, "nonmembers": 128}
+    assert on_disk["n_eval"] == {"members": 64, "nonmembers": 128}
     assert set(on_disk["attacks"]) == {"pixel", "semantic", "faithfulness", "combined"}
     # the white-box reference for a seq2seq target is the image-token NLL
     assert "image-token NLL" in on_disk["white_box_reference"]["note"]

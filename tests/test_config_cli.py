@@ -35,7 +35,12 @@ def test_set_overrides_are_typed():
     assert cfg.adversary.mlp.hidden == (16, 8)
     assert cfg.ldm.unet["block_out_channels"] == [32, 32]
     # Unquoted strings are accepted as strings.
-    assert load_config("ci", ["adversary.aux_mode=partial"]).adversary.aux_mode == "partial"
+    assert load_config("ci", ["adversary.aux_mode=partial", "data.splits.target_known_members=8",
+                              "data.splits.target_known_nonmembers=8"]
+                       ).adversary.aux_mode == "partial"
+    # partial knowledge without known sets is an error naming the key
+    with pytest.raises(ConfigError, match="target_known_members"):
+        load_config("ci", ["adversary.aux_mode=partial"])
 
 
 @pytest.mark.parametrize("override, key", [

@@ -19,18 +19,20 @@ import pytest
 
 from t2i_mia.config import load_config
 from t2i_mia.report.writer import validate_report
+from conftest import CI_MODELS
 
 NB_DIR = pathlib.Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOKS = ("01_quickstart.ipynb", "02_audit_your_checkpoint.ipynb", "03_ablations.ipynb")
 PNG = b"\x89PNG\r\n\x1a\n"
 
 # The ablation notebook at ci: 32 members vs 32 non-members, 50 training steps at batch 16,
-# 2-value grids. The splits before `auxiliary` sum to the ci preset's (832), so `pretrain`
-# and `auxiliary` are the ci preset's and their models come from the cache.
+# 2-value grids. The splits sum to the ci preset's (896: the data set is the same) and
+# `pretrain` and `auxiliary` keep their sizes, so they are the ci preset's splits and their
+# models come from the cache.
 ABLATION_CI = {
     "BASE_OVERRIDES": {
         "data.splits.target_members": 32, "data.splits.target_nonmembers": 32,
-        "data.splits.target_known_members": 0, "data.splits.target_known_nonmembers": 448,
+        "data.splits.target_known_members": 0, "data.splits.target_known_nonmembers": 256,
         "data.splits.shadow_members": 32, "data.splits.shadow_nonmembers": 32,
         "ldm.train.steps": 50, "ldm.train.batch_size": 16, "ldm.train.warmup_steps": 10,
         "adversary.white_box": False, "adversary.n_bootstrap": 50,
@@ -112,7 +114,10 @@ def test_notebook_is_stripped_and_parameterised(name):
 
 
 @pytest.mark.slow
-def test_quickstart_notebook(audit_dirs, tmp_path):
+@CI_MODELS
+def test_quickstart_notebook(audit_dirs, ci_audit, tmp_path):
+    """Runs the ci preset in a fresh kernel on the models the session's ci audit trained:
+    the same config and seed give the same report numbers in another process."""
     tmp, work = audit_dirs
     before = _model_dirs(work)
     out = tmp_path / "out"
@@ -120,10 +125,14 @@ def test_quickstart_notebook(audit_dirs, tmp_path):
                                           "OUT_DIR": str(out)}, tmp_path)
     report = _read_report(out / "report.json")
     assert report["config"] == load_config("ci").to_dict()
-    assert report["n_eval"] == {"members": 128, "nonmembers": 128}
+    assert report["n_eval"] == {"members": 64, "nonmembers": 128}
     for f in ("report.md", "roc.png", "samples.png", "manifest.json"):
         assert (out / f).is_file(), f
     assert (out / "roc.png").read_bytes()[:8] == PNG
+    base = _read_report(pathlib.Path(ci_audit[1]) / "report.json")
+    assert report["manifest_sha256"] == base["manifest_sha256"]
+    for key in ("attacks", "controls", "white_box_reference"):
+        assert report[key] == base[key], key
     # shown in the notebook: the report table and both figures
     assert _n_images(nb) >= 2
     assert any("combined" in o.get("data", {}).get("text/markdown", "") for o in _outputs(nb))
@@ -135,6 +144,7 @@ def test_quickstart_notebook(audit_dirs, tmp_path):
 
 
 @pytest.mark.slow
+@CI_MODELS
 def test_audit_your_checkpoint_notebook(audit_dirs, tmp_path):
     """The demo data folder (the ci data set written as PNG + .txt) and a checkpoint trained
     on its target members, audited through --target-dir and --data folder."""
@@ -145,13 +155,13 @@ def test_audit_your_checkpoint_notebook(audit_dirs, tmp_path):
               "OUT_DIR": str(out), "DATA_DIR": None, "TARGET_DIR": None}, tmp_path)
     data, ckpt = out / "demo_data", out / "checkpoint"
     pngs = sorted(data.glob("*.png"))
-    assert len(pngs) >= 1088 and all(p.with_suffix(".txt").is_file() for p in pngs)
+    assert len(pngs) >= 896 and all(p.with_suffix(".txt").is_file() for p in pngs)
     assert (ckpt / "model_index.json").is_file() and (ckpt / "unet").is_dir()
     report = _read_report(out / "report" / "report.json")
     assert report["target"] == f"ldm:{ckpt}"
     assert report["data"] == "folder"
     assert report["config"]["data"]["data_dir"] == str(data)
-    assert report["n_eval"] == {"members": 128, "nonmembers": 128}
+    assert report["n_eval"] == {"members": 64, "nonmembers": 128}
     # the checkpoint was trained on exactly the members the audit evaluates
     from t2i_mia.data.splits import SplitManifest
     assert SplitManifest.load(ckpt / "manifest.json").sha256() == report["manifest_sha256"]
@@ -160,6 +170,7 @@ def test_audit_your_checkpoint_notebook(audit_dirs, tmp_path):
 
 
 @pytest.mark.slow
+@CI_MODELS
 def test_ablations_notebook(audit_dirs, tmp_path):
     tmp, work = audit_dirs
     before = _model_dirs(work)
