@@ -164,6 +164,9 @@ class AdversaryConfig:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     mlp: MLPConfig = field(default_factory=MLPConfig)
     n_bootstrap: int = 1000
+    # shuffled_labels control: MLPs fitted to this many independent label shuffles; its CI
+    # is that of their mean AUC, so more shuffles make the control more sensitive to a leak
+    n_shuffles: int = 50
     white_box: bool = True  # the labelled upper-bound reference (outside the threat model)
     # side of the downsamples compared by pixel.coarse_mse (0 = leave that feature out)
     pixel_coarse_side: int = 8
@@ -590,6 +593,8 @@ def validate(cfg: Config) -> Config:
     _check(a.mlp.embeddings in MLP_EMBEDDINGS, "adversary.mlp.embeddings",
            f"expected one of {MLP_EMBEDDINGS}, got {a.mlp.embeddings!r}")
     _check(a.n_bootstrap >= 0, "adversary.n_bootstrap", "must be >= 0")
+    _check(isinstance(a.n_shuffles, int) and a.n_shuffles >= 2, "adversary.n_shuffles",
+           "must be an integer >= 2 (the control's CI needs the spread between shuffles)")
     _check(a.pixel_coarse_side >= 0, "adversary.pixel_coarse_side",
            f"must be >= 0 (0 = no coarse pixel feature), got {a.pixel_coarse_side}")
     _check(cfg.mesh.model >= 1, "mesh.model", "must be >= 1")

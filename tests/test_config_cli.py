@@ -62,6 +62,7 @@ def test_unknown_key_names_the_key(override, key):
     ("adversary.caption_source=oracle", "adversary.caption_source"),
     ("ldm.sample.eta=-1", "ldm.sample.eta"),
     ("adversary.pixel_coarse_side=-2", "adversary.pixel_coarse_side"),
+    ("adversary.n_shuffles=1", "adversary.n_shuffles"),
 ])
 def test_wrong_type_or_value_names_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -187,7 +187,7 @@ def test_replicate_bootstrap_covers_the_spread_between_replicates():
     assert auc == pytest.approx(0.5)
     lo1, hi1 = M.bootstrap_ci(M.roc_auc, s, y, n=500, seed=1)
     assert lo1 > 0.75 and hi1 < 0.95
-    assert lo < 0.25 and hi > 0.75
+    assert lo < 0.25 and hi > 0.75 and lo >= 0.0 and hi <= 1.0
     # A leak moves every replicate the same way: the interval then excludes 0.5.
     auc, (lo, hi) = M.replicate_bootstrap(M.roc_auc, [s, s + 0.1 * rng.normal(size=400)], y,
                                           n=500, seed=1)
@@ -197,3 +197,47 @@ def test_replicate_bootstrap_covers_the_spread_between_replicates():
         M.replicate_bootstrap(M.roc_auc, [s, -s], y, n=200, seed=4)
     with pytest.raises(Exception, match="at least one"):
         M.replicate_bootstrap(M.roc_auc, [], y)
+
+
+def _shuffled_control_trial(seed: int, leak: float, r: int = 30, n: int = 150):
+    """R replicate scorings of one evaluation set (n members + n non-members), as the
+    shuffled_labels control makes them: each a random function of informative features
+    (its AUC scatters around 0.5 in either direction, sd ~0.1), plus ``leak`` * label (an
+    injected leak that moves every replicate the same way)."""
+    rng = np.random.default_rng(seed)
+    y = np.r_[np.ones(n), np.zeros(n)].astype(int)
+    x = rng.normal(size=(2 * n, 8)) + 0.5 * y[:, None] * rng.normal(size=8)
+    sets = [np.tanh(x @ rng.normal(size=8) / 3) + 0.3 * rng.normal(size=2 * n) + leak * y
+            for _ in range(r)]
+    return sets, y
+
+
+def test_replicate_bootstrap_is_a_ci_of_the_mean_that_fires_on_a_leak():
+    """The shuffled_labels control's interval: a CI of the mean over replicates. Without a
+    leak it contains 0.5 about 95% of the time although single replicates stray far from
+    it; an injected leak that moves the mean to ~0.58 (single replicates still scatter with sd
+    ~0.1) is flagged in >= 20 of 24 trials (an interval that draws one replicate per
+    resample is as wide as a single replicate's scatter, half-width ~0.2: it flagged none)."""
+    trials = 24
+    null_hits, leak_hits, single_far = 0, 0, 0
+    for t in range(trials):
+        sets, y = _shuffled_control_trial(t, 0.0)
+        auc, (lo, hi) = M.replicate_bootstrap(M.roc_auc, sets, y, n=100, seed=t)
+        null_hits += not (lo <= 0.5 <= hi)
+        single_far += sum(abs(M.roc_auc(s, y) - 0.5) > 0.1 for s in sets)
+        sets, y = _shuffled_control_trial(t, 0.2)
+        auc, (lo, hi) = M.replicate_bootstrap(M.roc_auc, sets, y, n=100, seed=t)
+        assert 0.52 < auc < 0.64, auc
+        leak_hits += lo > 0.5
+    assert single_far / (trials * 30) > 0.2  # single shuffles often stray beyond 0.5 +/- 0.1
+    assert null_hits <= 3, null_hits  # ~5% expected: 1.2 of 24
+    assert leak_hits >= 20, leak_hits
+
+
+def test_student_t_quantile():
+    assert M.student_t_quantile(0.975, 1) == pytest.approx(12.7062, abs=1e-4)
+    assert M.student_t_quantile(0.975, 9) == pytest.approx(2.2622, abs=1e-4)
+    assert M.student_t_quantile(0.975, 1000) == pytest.approx(1.9623, abs=1e-4)
+    assert M.student_t_quantile(0.5, 5) == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(Exception, match="student_t_quantile"):
+        M.student_t_quantile(0.2, 3)

@@ -49,7 +49,6 @@ from t2i_mia.targets.factory import ModelCache
 log = logging.getLogger(__name__)
 
 ATTACKS = ("pixel", "semantic", "faithfulness", "combined")
-N_SHUFFLES = 10  # shuffled-label MLP replicates in the shuffled_labels control
 
 
 @dataclasses.dataclass
@@ -332,10 +331,10 @@ def run_audit(cfg: Config, paths: RunPaths, progress: bool = True) -> dict:
         # An MLP fitted to shuffled labels is a random function of informative features: one
         # shuffle's AUC scatters away from 0.5 with no leak at all (its sign is arbitrary).
         # The control is the procedure "fit on shuffled labels": the mean AUC over
-        # N_SHUFFLES shuffles, with a two-level bootstrap CI (evaluation resamples x
-        # shuffles). A leak pushes every shuffle the same way and still excludes 0.5.
+        # adversary.n_shuffles shuffles, with a CI of that mean (evaluation sampling and the
+        # spread between shuffles). A leak pushes every shuffle the same way and excludes 0.5.
         shuf_scores = []
-        for r in range(N_SHUFFLES):
+        for r in range(a.n_shuffles):
             rng = np.random.Generator(np.random.PCG64([seed, 7, r]))
             shuf_scores.append(fit_mlp(cfg, f_train, "combined",
                                        rng.permutation(trainset.labels), seed + r

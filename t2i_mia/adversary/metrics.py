@@ -273,14 +273,18 @@ def bootstrap_ci(metric_fn: Callable, scores, labels, n: int = 1000, seed: int =
 def replicate_bootstrap(metric_fn: Callable, score_sets: Sequence, labels, n: int = 1000,
                         seed: int = 0, alpha: float = 0.05
                         ) -> tuple[float, tuple[float, float]] | None:
-    """Mean metric over R replicate scorings of one evaluation set, and a (1 - alpha) interval
-    that includes the spread *between* replicates as well as the sampling of the set.
+    """Mean metric over R replicate scorings of one evaluation set, and a (1 - alpha)
+    confidence interval *of that mean*.
 
     For randomised procedures (e.g. R attacks fitted to R independent label shuffles) the
-    quantity of interest is the procedure's metric, not one draw's: each of n resamples
-    takes the evaluation set resampled (stratified, as ``bootstrap_ci``) and one replicate
-    drawn uniformly at random (a two-level bootstrap), so a percentile interval of those
-    values covers both sources of variance.
+    quantity of interest is the procedure's expected metric, estimated by the mean over the
+    R replicates. Two sources of variance enter that estimate: the sampling of the
+    evaluation set (the variance, over stratified bootstrap resamples as in
+    ``bootstrap_ci``, of the R replicates' mean metric) and the finite number of replicates
+    (their sample variance / R). The interval is mean +/- t(R-1) * sqrt(sum of the two): a
+    leak that moves every replicate the same way, by a few of the mean's standard errors,
+    excludes 0.5, while the scatter of single replicates around 0.5 does not. With R = 1 it
+    is the plain percentile bootstrap.
 
     Args:
       score_sets: R >= 1 arrays f[N], each a scoring of the same N queries.
@@ -301,10 +305,39 @@ def replicate_bootstrap(metric_fn: Callable, score_sets: Sequence, labels, n: in
         point.append(float(p))
         vals.append(v)
     vals = np.stack(vals)  # f64[R, n]
-    pick = np.random.default_rng([seed, 1]).integers(0, len(sets), vals.shape[1])
-    mixed = vals[pick, np.arange(vals.shape[1])]
-    lo, hi = np.percentile(mixed, [100.0 * alpha / 2.0, 100.0 * (1.0 - alpha / 2.0)])
-    return float(np.mean(point)), (float(lo), float(hi))
+    r = vals.shape[0]
+    mean = float(np.mean(point))
+    if r == 1:
+        lo, hi = np.percentile(vals[0], [100.0 * alpha / 2.0, 100.0 * (1.0 - alpha / 2.0)])
+        return mean, (float(lo), float(hi))
+    # Var(mean) = Var_eval(mean of the R scorings' metrics) + Var_between / R.
+    var_eval = float(np.var(vals.mean(axis=0), ddof=1))
+    var_between = float(np.var(point, ddof=1)) / r
+    half = student_t_quantile(1.0 - alpha / 2.0, r - 1) * math.sqrt(var_eval + var_between)
+    # metrics here are rates: the interval is clipped to [0, 1]
+    return mean, (max(0.0, mean - half), min(1.0, mean + half))
+
+
+def student_t_quantile(p: float, df: int) -> float:
+    """The p-quantile (0.5 <= p < 1) of Student's t with ``df`` >= 1 degrees of freedom
+    (numerical inversion of its CDF; accurate to ~1e-9)."""
+    if not 0.5 <= p < 1.0 or df < 1:
+        raise ConfigError(f"student_t_quantile: need 0.5 <= p < 1 and df >= 1, got {p}, {df}")
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+
+    def cdf(t: float) -> float:  # Simpson's rule on the density over [0, t]
+        x = np.linspace(0.0, t, 2001)
+        f = c * (1.0 + x * x / df) ** (-(df + 1) / 2)
+        h = t / 2000
+        return 0.5 + h / 3 * (f[0] + f[-1] + 4 * f[1:-1:2].sum() + 2 * f[2:-1:2].sum())
+
+    lo, hi = 0.0, 1.0
+    while cdf(hi) < p:
+        hi *= 2.0
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
+    return 0.5 * (lo + hi)
 
 
 # ----------------------------------------------------------------------------- report block

@@ -292,8 +292,11 @@ def format_markdown(report: Mapping) -> str:
         "## Controls", "",
         _controls_table(report), "",
         "A control whose CI excludes 0.5 needs investigation (a label leak is the first "
-        "suspect). The CI covers evaluation sampling only, not the randomness of the "
-        "attack's training.", "",
+        "suspect). `null_target`'s CI covers evaluation sampling; `shuffled_labels` is the "
+        "mean AUC of attacks fitted to independent label shuffles, and its CI (Student t) "
+        "covers evaluation sampling and the spread between shuffles. Attack CIs cover "
+        "evaluation sampling only, not the randomness of the attack's or the target's "
+        "training.", "",
         "## Timings", "",
         timings, "",
         "Figures: `roc.png` (log-log ROC), `samples.png` (query | generations).", ""])
