@@ -21,7 +21,8 @@ log = logging.getLogger("t2i_mia")
 
 SHARED_EPILOG = """\
 configuration:
-  --config takes a preset (ci: 128 vs 128, the tests' audits, ~10-15 min cold on 2 CPU cores;
+  --config takes a preset (ci: 64 members vs 128 non-members, the tests' audits, 28 min cold
+  measured on 2 CPU cores shared with a test worker, most of it training;
   tiny: the embedded default, 500 vs 500, ~1.5 h cold on 2 CPU cores for the LDM, mostly
   training; paper-ldm / paper-dalle: paper scale for accelerators) or a JSON file whose
   keys override the preset named by its "preset" key. --set key=value (repeatable) overrides

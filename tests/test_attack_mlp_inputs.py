@@ -49,3 +49,18 @@ def test_attack_without_vectors_fits_scalars_only():
 def test_embeddings_mode_is_validated():
     with pytest.raises(ConfigError, match="adversary.mlp.embeddings"):
         load_config("ci", ["adversary.mlp.embeddings=sometimes"])
+
+
+def test_balanced_shuffle_for_the_shuffled_labels_control():
+    """Each shuffled-labels fit sees as many ones as zeros (the control's null value is 0.5
+    only then): every row of the smaller class, as many distinct rows of the larger one,
+    labels permuted; seeded."""
+    from t2i_mia.adversary.audit import balanced_shuffle
+    y = np.r_[np.ones(64), np.zeros(128)].astype(np.int32)
+    rows, labels = balanced_shuffle(y, np.random.default_rng(3))
+    assert len(rows) == 128 and len(set(rows.tolist())) == 128
+    assert int(labels.sum()) == 64 and int((y[rows] == 1).sum()) == 64
+    assert set(np.flatnonzero(y == 1)) <= set(rows.tolist())  # all of the smaller class
+    assert not np.array_equal(labels, y[rows])  # permuted
+    again = balanced_shuffle(y, np.random.default_rng(3))
+    assert np.array_equal(again[0], rows) and np.array_equal(again[1], labels)

@@ -25,7 +25,7 @@ NB_DIR = pathlib.Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOKS = ("01_quickstart.ipynb", "02_audit_your_checkpoint.ipynb", "03_ablations.ipynb")
 PNG = b"\x89PNG\r\n\x1a\n"
 
-# The ablation notebook at ci: 32 members vs 32 non-members, 50 training steps at batch 16,
+# The ablation notebook at ci: 32 members vs 32 non-members, 20 training steps at batch 16,
 # 2-value grids. The splits sum to the ci preset's (896: the data set is the same) and
 # `pretrain` and `auxiliary` keep their sizes, so they are the ci preset's splits and their
 # models come from the cache.
@@ -34,11 +34,11 @@ ABLATION_CI = {
         "data.splits.target_members": 32, "data.splits.target_nonmembers": 32,
         "data.splits.target_known_members": 0, "data.splits.target_known_nonmembers": 256,
         "data.splits.shadow_members": 32, "data.splits.shadow_nonmembers": 32,
-        "ldm.train.steps": 50, "ldm.train.batch_size": 16, "ldm.train.warmup_steps": 10,
+        "ldm.train.steps": 20, "ldm.train.batch_size": 16, "ldm.train.warmup_steps": 5,
         "adversary.white_box": False, "adversary.n_bootstrap": 50,
     },
     "TRAIN_SIZES": [16, 32],
-    "TRAIN_STEPS": [25, 50],
+    "TRAIN_STEPS": [10, 20],
     "KS": [1, 2],
     "AUX_SIZES": [16, 32],
     "CAPTION_SOURCES": ["ground_truth", "captioner"],
@@ -208,7 +208,7 @@ def test_ablations_notebook(audit_dirs, tmp_path):
                 assert report["caption_source"] == r["value"]
     # Every grid holds the base point, which ran once: 1 base + 1 other value per ablation.
     assert len(runs) == 6
-    # New models: targets (16 members; 25 steps; base) and shadows (16; 25 steps; base).
+    # New models: targets (16 members; 10 steps; base) and shadows (16; 10 steps; base).
     # The autoencoder, tokenizer and encoder are the ci preset's (cached by the quick start).
     new = _model_dirs(work) - before
     assert sum(d.startswith("ldm-target-") for d in new) <= 3

@@ -119,6 +119,23 @@ def attack_features(encoder, query: QuerySet, gen: jax.Array, captions: list[str
     return {name: np.asarray(v) for name, v in feats.items()}
 
 
+def balanced_shuffle(labels: np.ndarray, rng: np.random.Generator
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """(rows int64[2m], shuffled labels int32[2m]) for one shuffled-labels fit: all rows of
+    the smaller class and as many drawn from the larger one (m = the smaller class's size),
+    their labels permuted.
+
+    Balance is what makes the control's null value 0.5: a label vector with as many ones as
+    zeros is as likely as its complement, and an MLP fitted to the complement (from the
+    mirrored initialisation) is the negated function, so the mean AUC over shuffles is 0.5
+    by symmetry whatever the features are. With unequal classes the fits learn the base
+    rate, and on informative features their AUC drifts from 0.5 with no label leak."""
+    pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+    m = min(len(pos), len(neg))
+    rows = np.concatenate([rng.choice(pos, m, replace=False), rng.choice(neg, m, replace=False)])
+    return rows, rng.permutation(np.asarray(labels, np.int32)[rows])
+
+
 class FittedMLP:
     """An attack's MLP and the inputs it was fitted on (with or without vector features)."""
 
@@ -336,9 +353,9 @@ def run_audit(cfg: Config, paths: RunPaths, progress: bool = True) -> dict:
         shuf_scores = []
         for r in range(a.n_shuffles):
             rng = np.random.Generator(np.random.PCG64([seed, 7, r]))
-            shuf_scores.append(fit_mlp(cfg, f_train, "combined",
-                                       rng.permutation(trainset.labels), seed + r
-                                       ).score(f_eval))
+            rows, labels = balanced_shuffle(trainset.labels, rng)
+            shuf_scores.append(fit_mlp(cfg, {n: v[rows] for n, v in f_train.items()},
+                                       "combined", labels, seed + r).score(f_eval))
 
         def auc_block(sc):
             ci = M.bootstrap_ci(M.roc_auc, sc, y, a.n_bootstrap, seed)
