@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     from scipy.stats import mannwhitneyu
 
     from t2i_mia.adversary import metrics as M
-    from t2i_mia.adversary.audit import build_dataset, build_splits
+    from t2i_mia.audit import build_dataset, build_splits
     from t2i_mia.config import load_config
     from t2i_mia.parallel.mesh import make_mesh
     from t2i_mia.targets import factory

@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     if args.dry_run:
         print(cli.plan(cfg, paths, "membership inference audit"))
         return 0
-    from t2i_mia.adversary.audit import run_audit
+    from t2i_mia.audit import run_audit
     run_audit(cfg, paths)
     logging.getLogger("t2i_mia").info("report written to %s", paths.out)
     return 0

@@ -61,7 +61,7 @@ def main(argv=None) -> int:
         return 0
     if cfg.target != "ldm":
         raise ConfigError(f"python -m t2i_mia.generate --target {cfg.target}: only ldm here")
-    from t2i_mia.adversary.audit import build_dataset, build_splits
+    from t2i_mia.audit import build_dataset, build_splits
     from t2i_mia.data.images import save_png
     from t2i_mia.models.ldm import load_stable_diffusion
     from t2i_mia.parallel.mesh import make_mesh

@@ -23,7 +23,7 @@ def train_model(cfg, work_dir: str, member_split: str = "target_members"):
     """Trains (or reuses from ``work_dir``) the LDM on ``member_split``.
 
     Returns (LDMComponents, SplitManifest, number of members)."""
-    from t2i_mia.adversary.audit import build_dataset, build_splits
+    from t2i_mia.audit import build_dataset, build_splits
     from t2i_mia.parallel.mesh import make_mesh
     from t2i_mia.targets import factory
 

@@ -21,8 +21,7 @@ from conftest import CI_MODELS, run_ci_audit
 pytestmark = [pytest.mark.slow, CI_MODELS]
 
 
-def _run(tmp, work, name, overrides=(), target_dir=None, target=None):
-    return run_ci_audit(tmp, work, name, overrides, target_dir, target)
+_run = run_ci_audit
 
 
 @pytest.fixture(scope="session")
@@ -155,7 +154,7 @@ def test_memorisation_members_closer_than_nonmembers(base, audit_dirs):
     import jax
     from scipy.stats import mannwhitneyu
 
-    from t2i_mia.adversary.audit import build_dataset, build_splits
+    from t2i_mia.audit import build_dataset, build_splits
     from t2i_mia.parallel.mesh import make_mesh
     from t2i_mia.targets import factory
     from t2i_mia.targets.ldm import LDMTarget

@@ -329,7 +329,7 @@ def test_load_errors_name_the_folder(model, tmp_path):
 
 @pytest.mark.slow
 def test_build_dalle_models_trains_caches_and_loads(tmp_path):
-    from t2i_mia.adversary.audit import Models, Timer, build_dataset, build_splits
+    from t2i_mia.audit import Models, Timer, build_dataset, build_splits
     from t2i_mia.cli import RunPaths
     from t2i_mia.config import SplitsConfig
     from t2i_mia.targets.factory import ModelCache

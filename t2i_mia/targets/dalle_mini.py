@@ -398,8 +398,8 @@ def build_dalle_models(cfg: Config, paths, dataset, manifest, cache, mesh: Mesh,
     ``manifest.target_training_ids()`` (or loaded from ``paths.target_dir``, whose image
     size is checked against ``data.image_size`` before anything trains); one model on
     ``shadow_members`` that is the shadow (aux_mode shadow) and in every mode the null
-    target. Returns :class:`t2i_mia.adversary.audit.Models`."""
-    from t2i_mia.adversary.audit import Models
+    target. Returns :class:`t2i_mia.audit.Models`."""
+    from t2i_mia.targets.protocol import Models
     from t2i_mia.targets import factory
 
     def split(name):

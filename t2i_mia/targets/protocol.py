@@ -11,7 +11,8 @@ labelled as outside the threat model wherever they are reported.
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence, runtime_checkable
+import dataclasses
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 import jax
 import numpy as np
@@ -39,3 +40,12 @@ def image_keys(root_key: jax.Array, ids: Sequence[int], k: int) -> jax.Array:
     js = jax.numpy.arange(k, dtype=np.uint32)
     per_id = jax.vmap(lambda i: jax.random.fold_in(root_key, i))(ids)
     return jax.vmap(lambda kk: jax.vmap(lambda j: jax.random.fold_in(kk, j))(js))(per_id)
+
+
+@dataclasses.dataclass
+class Models:
+    """The models one audit queries, as built by a target kind's builder."""
+    target: Any
+    attack_source: Any  # the model queried for attack-training data (shadow or target)
+    null: Any  # the null_target control
+    white_box: Any | None  # model queried for white-box training losses (or None)

@@ -45,6 +45,7 @@ from t2i_mia.config import Config
 from t2i_mia.errors import ConfigError, DataError
 from t2i_mia.parallel.mesh import make_mesh
 from t2i_mia.targets.factory import ModelCache
+from t2i_mia.targets.protocol import Models
 
 log = logging.getLogger(__name__)
 
@@ -192,14 +193,6 @@ def _mlp(cfg: Config, seed: int) -> MLPAttack:
 
 
 # ----------------------------------------------------------------------------- models
-
-@dataclasses.dataclass
-class Models:
-    target: Any
-    attack_source: Any  # the model queried for attack-training data (shadow or target)
-    null: Any  # the null_target control
-    white_box: Any | None  # model queried for white-box training losses (or None)
-
 
 def _build_ldm_models(cfg: Config, paths: RunPaths, dataset, manifest, cache: ModelCache,
                       mesh, timer: Timer, need_target: bool = True) -> Models:
