@@ -3,19 +3,21 @@
 Phases (each timed in ``report.timings_s``):
 
 1. ``data``: the data set and the split manifest (disjoint by content hash).
-2. ``autoencoder`` / ``target`` / ``shadow`` (or ``null_model``): load or train (cached).
+2. ``autoencoder`` / ``target`` / ``shadow`` (or ``null_model``) / ``reference``: load or
+   train (cached).
 3. ``encoder``: the adversary's CLIP (loaded, or trained on ``auxiliary``).
 4. ``captions``: ground truth, or the retrieval captioner over ``auxiliary`` captions.
 5. ``generate``: k images per query through the target protocol only (black box).
-6. ``features``: pixel / semantic / faithfulness features, jitted, on device.
-7. ``attack``: thresholds and MLPs fitted on attack-training data only, applied once to the
-   evaluation set (target_members vs target_nonmembers).
-8. ``controls``: ``null_target`` (a model of the same kind trained on disjoint data; in shadow
-   mode the shadow model, whose members are disjoint from the evaluated ones) and
-   ``shuffled_labels``.
-9. ``white_box``: the denoising-loss threshold, a labelled upper-bound reference outside the
+6. ``features``: pixel / semantic / faithfulness features, jitted, on device;
+   ``reference_queries``: the same for the calibrated attack's reference models.
+7. ``attack`` (:mod:`t2i_mia.adversary.evaluation`): thresholds and MLPs fitted on
+   attack-training data only, applied once to the evaluation set (target_members vs
+   target_nonmembers) and to the null model; the controls ``null_target`` (a model of the
+   same kind trained on disjoint data: the shadow model, whose members are disjoint from the
+   evaluated ones) and ``shuffled_labels``.
+8. ``white_box``: the denoising-loss threshold, a labelled upper-bound reference outside the
    black-box threat model.
-10. ``report``: report.json, report.md, roc.png, samples.png, manifest.json.
+9. ``report``: report.json, report.md, roc.png, samples.png, manifest.json.
 
 Attack-training data (``adversary.aux_mode``): ``shadow`` (default: a shadow model of the same
 kind trained on ``shadow_members``, queried on shadow_members vs shadow_nonmembers: the
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import os
 import time
@@ -39,7 +42,9 @@ import numpy as np
 import t2i_mia
 from t2i_mia.adversary import features as F
 from t2i_mia.adversary import metrics as M
-from t2i_mia.adversary.classifiers import MLPAttack, ThresholdAttack
+from t2i_mia.adversary.classifiers import ThresholdAttack
+from t2i_mia.adversary.evaluation import (ATTACKS, FeatureSets, balanced_shuffle,  # noqa: F401
+                                          calibrate, evaluate_attacks, fit_mlp)
 from t2i_mia.cli import RunPaths
 from t2i_mia.config import Config
 from t2i_mia.errors import ConfigError, DataError
@@ -48,8 +53,6 @@ from t2i_mia.targets.factory import ModelCache
 from t2i_mia.targets.protocol import Models
 
 log = logging.getLogger(__name__)
-
-ATTACKS = ("pixel", "semantic", "faithfulness", "combined")
 
 
 @dataclasses.dataclass
@@ -62,12 +65,17 @@ class QuerySet:
     labels: np.ndarray  # int32[N], 1 = member
 
     @staticmethod
-    def of(name: str, dataset, member_ids, nonmember_ids) -> "QuerySet":
+    def of(name: str, dataset, member_ids, nonmember_ids, seed: int) -> "QuerySet":
+        """Members and non-members in a seeded random order (nothing downstream may rely
+        on where the members are)."""
         ids = np.concatenate([np.asarray(member_ids, np.int64),
                               np.asarray(nonmember_ids, np.int64)])
-        images, captions = dataset.get_many([int(i) for i in ids])
         labels = np.concatenate([np.ones(len(member_ids), np.int32),
                                  np.zeros(len(nonmember_ids), np.int32)])
+        salt = int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little")
+        order = np.random.Generator(np.random.PCG64([seed, salt])).permutation(len(ids))
+        ids, labels = ids[order], labels[order]
+        images, captions = dataset.get_many([int(i) for i in ids])
         return QuerySet(name, ids, images, captions, labels)
 
 
@@ -120,78 +128,6 @@ def attack_features(encoder, query: QuerySet, gen: jax.Array, captions: list[str
     return {name: np.asarray(v) for name, v in feats.items()}
 
 
-def balanced_shuffle(labels: np.ndarray, rng: np.random.Generator
-                     ) -> tuple[np.ndarray, np.ndarray]:
-    """(rows int64[2m], shuffled labels int32[2m]) for one shuffled-labels fit: all rows of
-    the smaller class and as many drawn from the larger one (m = the smaller class's size),
-    their labels permuted.
-
-    Balance is what makes the control's null value 0.5: a label vector with as many ones as
-    zeros is as likely as its complement, and an MLP fitted to the complement (from the
-    mirrored initialisation) is the negated function, so the mean AUC over shuffles is 0.5
-    by symmetry whatever the features are. With unequal classes the fits learn the base
-    rate, and on informative features their AUC drifts from 0.5 with no label leak."""
-    pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
-    m = min(len(pos), len(neg))
-    rows = np.concatenate([rng.choice(pos, m, replace=False), rng.choice(neg, m, replace=False)])
-    return rows, rng.permutation(np.asarray(labels, np.int32)[rows])
-
-
-class FittedMLP:
-    """An attack's MLP and the inputs it was fitted on (with or without vector features)."""
-
-    def __init__(self, clf: MLPAttack, attack: str, vectors: bool):
-        self.clf, self.attack, self.vectors = clf, attack, vectors
-
-    def matrix(self, features: dict) -> np.ndarray:
-        return F.feature_matrix(features, self.attack, vectors=self.vectors)
-
-    def score(self, features: dict) -> np.ndarray:
-        return self.clf.score(self.matrix(features))
-
-    def predict(self, features: dict) -> np.ndarray:
-        return self.clf.predict(self.matrix(features))
-
-
-def fit_mlp(cfg: Config, features: dict, attack: str, y: np.ndarray, seed: int) -> FittedMLP:
-    """The attack's MLP fitted on attack-training ``features``/``y``. With
-    ``adversary.mlp.embeddings = "auto"`` and vector features present, it is fitted with and
-    without them (same validation split) and the lower best validation loss wins (ties:
-    without)."""
-    mode = cfg.adversary.mlp.embeddings
-    options = [mode == "always"] if mode != "auto" else [False, True]
-    if not F.has_vector_features(features, attack):
-        options = [False]
-    best = None
-    for vectors in options:
-        clf = _mlp(cfg, seed).fit(F.feature_matrix(features, attack, vectors=vectors), y)
-        val = clf.history_["val_loss"]
-        loss = float(val[clf.best_epoch_]) if len(val) else float("inf")
-        if best is None or loss < best[0]:
-            best = (loss, FittedMLP(clf, attack, vectors))
-    return best[1]
-
-
-def _fit_attacks(cfg: Config, train_f: dict, train_y: np.ndarray, seed: int):
-    """MLP per attack + threshold per scalar feature, fitted on attack-training data only."""
-    mlps, thresholds = {}, {}
-    for attack in ATTACKS:
-        mlps[attack] = fit_mlp(cfg, train_f, attack, train_y, seed)
-        log.info("attack %s: MLP on %s", attack,
-                 "scalar features and embeddings" if mlps[attack].vectors
-                 else "scalar features")
-    for name in F.scalar_feature_names(train_f):
-        thresholds[name] = ThresholdAttack().fit(train_f[name], train_y)
-    return mlps, thresholds
-
-
-def _mlp(cfg: Config, seed: int) -> MLPAttack:
-    m = cfg.adversary.mlp
-    return MLPAttack(hidden=tuple(m.hidden), lr=m.learning_rate, weight_decay=m.weight_decay,
-                     batch_size=m.batch_size, max_epochs=m.max_epochs, patience=m.patience,
-                     val_fraction=m.val_fraction, seed=seed)
-
-
 # ----------------------------------------------------------------------------- models
 
 def _build_ldm_models(cfg: Config, paths: RunPaths, dataset, manifest, cache: ModelCache,
@@ -220,9 +156,18 @@ def _build_ldm_models(cfg: Config, paths: RunPaths, dataset, manifest, cache: Mo
     with timer.phase("shadow" if cfg.adversary.aux_mode == "shadow" else "null_model"):
         s_comps = factory.ldm_for(cfg, "shadow", dataset, manifest, base, cache, mesh)
         shadow = LDMTarget(s_comps, sample, seed=cfg.seed + 1, mesh=mesh, name="shadow")
+    refs, ref_info = [], []
+    with timer.phase("reference"):
+        for r in range(cfg.adversary.n_reference):
+            name = f"reference_{r}"
+            r_comps = factory.ldm_for(cfg, name, dataset, manifest, base, cache, mesh)
+            refs.append(LDMTarget(r_comps, sample, seed=cfg.seed + 2 + r, mesh=mesh, name=name))
+            ref_info.append(factory.model_info(manifest, name))
+    extra = dict(references=refs, null_info=factory.model_info(manifest, "shadow"),
+                 reference_info=ref_info)
     if cfg.adversary.aux_mode == "shadow":
-        return Models(target=target, attack_source=shadow, null=shadow, white_box=shadow)
-    return Models(target=target, attack_source=target, null=shadow, white_box=target)
+        return Models(target=target, attack_source=shadow, null=shadow, white_box=shadow, **extra)
+    return Models(target=target, attack_source=target, null=shadow, white_box=target, **extra)
 
 
 def _build_generations_models(cfg, paths, dataset, manifest, cache, mesh, timer) -> Models:
@@ -231,14 +176,14 @@ def _build_generations_models(cfg, paths, dataset, manifest, cache, mesh, timer)
     m = _build_ldm_models(cfg, paths, dataset, manifest, cache, mesh, timer, need_target=False)
     # The shadow LDM is the adversary's own model; the audited images come from the folder.
     src = m.attack_source if cfg.adversary.aux_mode == "shadow" else target
-    return Models(target=target, attack_source=src, null=m.null, white_box=None)
+    return dataclasses.replace(m, target=target, attack_source=src, white_box=None)
 
 
 # ----------------------------------------------------------------------------- the audit
 
 def run_audit(cfg: Config, paths: RunPaths, progress: bool = True) -> dict:
     """Runs the whole audit and writes the report files; returns the report dict."""
-    from t2i_mia.report.writer import format_table, write_report
+    from t2i_mia.report.writer import SCHEMA_VERSION, format_table, write_report
 
     timer = Timer()
     t_start = time.perf_counter()
@@ -254,13 +199,13 @@ def run_audit(cfg: Config, paths: RunPaths, progress: bool = True) -> dict:
         manifest = build_splits(cfg, dataset)
         manifest_sha = manifest.sha256()
         evalset = QuerySet.of("eval", dataset, manifest.ids("target_members"),
-                              manifest.ids("target_nonmembers"))
+                              manifest.ids("target_nonmembers"), cfg.seed)
         if a.aux_mode == "shadow":
             trainset = QuerySet.of("attack_train", dataset, manifest.ids("shadow_members"),
-                                   manifest.ids("shadow_nonmembers"))
+                                   manifest.ids("shadow_nonmembers"), cfg.seed)
         else:
             trainset = QuerySet.of("attack_train", dataset, manifest.ids("target_known_members"),
-                                   manifest.ids("target_known_nonmembers"))
+                                   manifest.ids("target_known_nonmembers"), cfg.seed)
         for qs in (evalset, trainset):
             n_pos = int(qs.labels.sum())
             if n_pos < M.MIN_PER_CLASS or len(qs.labels) - n_pos < M.MIN_PER_CLASS:
@@ -299,72 +244,56 @@ def run_audit(cfg: Config, paths: RunPaths, progress: bool = True) -> dict:
             train_caps = captioner.caption(trainset.images)
 
     k = a.k
-    with timer.phase("generate"):
-        gen_train = models.attack_source.generate(train_caps, trainset.ids.tolist(), k)
-        gen_eval = models.target.generate(eval_caps, evalset.ids.tolist(), k)
-        gen_null = models.null.generate(eval_caps, evalset.ids.tolist(), k)
-        expect = (k, cfg.data.image_size, cfg.data.image_size, 3)
-        for nm, g, qs in (("attack-training", gen_train, trainset), ("evaluation", gen_eval,
-                                                                   evalset),
-                          ("null", gen_null, evalset)):
-            if tuple(g.shape) != (len(qs.ids),) + expect:
-                raise DataError(f"{nm} generations: shape {tuple(g.shape)}, expected "
-                                f"{(len(qs.ids),) + expect}")
+    expect = (k, cfg.data.image_size, cfg.data.image_size, 3)
 
+    def generate(model, caps, qs, what):
+        g = model.generate(caps, qs.ids.tolist(), k)
+        if tuple(g.shape) != (len(qs.ids),) + expect:
+            raise DataError(f"{what} generations: shape {tuple(g.shape)}, expected "
+                            f"{(len(qs.ids),) + expect}")
+        return g
+
+    cs = cfg.adversary.pixel_coarse_side
+    with timer.phase("generate"):
+        gen_train = generate(models.attack_source, train_caps, trainset, "attack-training")
+        gen_eval = generate(models.target, eval_caps, evalset, "evaluation")
+        gen_null = generate(models.null, eval_caps, evalset, "null")
     with timer.phase("features"):
-        cs = cfg.adversary.pixel_coarse_side
-        f_train = attack_features(encoder, trainset, gen_train, train_caps, cs)
-        f_eval = attack_features(encoder, evalset, gen_eval, eval_caps, cs)
-        f_null = attack_features(encoder, evalset, gen_null, eval_caps, cs)
+        fs = FeatureSets(train=attack_features(encoder, trainset, gen_train, train_caps, cs),
+                         train_labels=trainset.labels,
+                         eval=attack_features(encoder, evalset, gen_eval, eval_caps, cs),
+                         eval_labels=evalset.labels,
+                         null=attack_features(encoder, evalset, gen_null, eval_caps, cs))
+    calibrated = None
+    if models.references:
+        # each reference queried on both sets: the calibrated score of a query compares the
+        # model it is scored on (target, attack source or null) with models that never saw it
+        with timer.phase("reference_queries"):
+            ref_train, ref_eval = [], []
+            for ref in models.references:
+                g = generate(ref, train_caps, trainset, f"{ref.name} attack-training")
+                ref_train.append(attack_features(encoder, trainset, g, train_caps, cs))
+                g = generate(ref, eval_caps, evalset, f"{ref.name} evaluation")
+                ref_eval.append(attack_features(encoder, evalset, g, eval_caps, cs))
+            calibrated = FeatureSets(train=calibrate(fs.train, ref_train),
+                                     train_labels=fs.train_labels,
+                                     eval=calibrate(fs.eval, ref_eval),
+                                     eval_labels=fs.eval_labels,
+                                     null=calibrate(fs.null, ref_eval))
 
     seed = cfg.seed
+    y = evalset.labels
     with timer.phase("attack"):
-        mlps, thresholds = _fit_attacks(cfg, f_train, trainset.labels, seed)
-        y = evalset.labels
-        attacks_report, roc_curves = {}, {}
-        for attack in ATTACKS:
-            clf = mlps[attack]
-            scores = clf.score(f_eval)
-            block = {"mlp": M.evaluate(scores, clf.predict(f_eval), y, a.n_bootstrap, seed),
-                     "threshold": {}}
-            fpr, tpr, _ = M.roc_curve(scores, y)
-            roc_curves[f"{attack} (MLP)"] = (fpr, tpr)
-            for name in F.scalar_feature_names(f_eval, None if attack == "combined" else attack):
-                th = thresholds[name]
-                block["threshold"][name] = M.evaluate(th.score(f_eval[name]),
-                                                      th.predict(f_eval[name]), y,
-                                                      a.n_bootstrap, seed)
-            attacks_report[attack] = block
-
-    with timer.phase("controls"):
-        null_scores = mlps["combined"].score(f_null)
-        # An MLP fitted to shuffled labels is a random function of informative features: one
-        # shuffle's AUC scatters away from 0.5 with no leak at all (its sign is arbitrary).
-        # The control is the procedure "fit on shuffled labels": the mean AUC over
-        # adversary.n_shuffles shuffles, with a CI of that mean (evaluation sampling and the
-        # spread between shuffles). A leak pushes every shuffle the same way and excludes 0.5.
-        shuf_scores = []
-        for r in range(a.n_shuffles):
-            rng = np.random.Generator(np.random.PCG64([seed, 7, r]))
-            rows, labels = balanced_shuffle(trainset.labels, rng)
-            shuf_scores.append(fit_mlp(cfg, {n: v[rows] for n, v in f_train.items()},
-                                       "combined", labels, seed + r).score(f_eval))
-
-        def auc_block(sc):
-            ci = M.bootstrap_ci(M.roc_auc, sc, y, a.n_bootstrap, seed)
-            return {"auc": M.roc_auc(sc, y), "auc_ci": list(ci) if ci is not None else None}
-
-        shuf_auc, shuf_ci = M.replicate_bootstrap(M.roc_auc, shuf_scores, y, a.n_bootstrap,
-                                                  seed)
-        shuf_block = {"auc": shuf_auc, "auc_ci": list(shuf_ci)}
-        log.info("shuffled_labels: AUC per shuffle %s",
-                 ", ".join(f"{M.roc_auc(sc, y):.3f}" for sc in shuf_scores))
-        controls = {"null_target": auc_block(null_scores),
-                    "shuffled_labels": shuf_block}
+        attacks_report, controls, roc_curves = evaluate_attacks(cfg, fs, seed,
+                                                                calibrated=calibrated)
+    if calibrated is not None:
+        attacks_report["calibrated"]["reference_models"] = models.reference_info
+    if models.null_info is not None:
+        controls["null_target"]["model"] = models.null_info
 
     white_box = None
     if a.white_box and models.white_box is not None and hasattr(models.target,
-                                                                 "white_box_loss"):
+                                                                "white_box_loss"):
         with timer.phase("white_box"):
             l_train = models.white_box.white_box_loss(trainset.images, trainset.captions,
                                                       trainset.ids.tolist())
@@ -377,12 +306,13 @@ def run_audit(cfg: Config, paths: RunPaths, progress: bool = True) -> dict:
                         "image-token NLL for dalle-mini); an upper-bound reference only",
                 "feature": "white_box.training_loss (negated: higher = member)",
                 "threshold": M.evaluate(th.score(-l_eval), th.predict(-l_eval), y,
-                                        a.n_bootstrap, seed),
+                                        a.n_bootstrap, seed, train_scores=th.score(-l_train),
+                                        train_labels=trainset.labels),
             }
 
     timer.timings["total"] = time.perf_counter() - t_start
     report = {
-        "schema_version": 1,
+        "schema_version": SCHEMA_VERSION,
         "tool": {"name": "t2i-mia", "version": t2i_mia.__version__},
         "target": cfg.target if not paths.target_dir else f"{cfg.target}:{paths.target_dir}",
         "data": cfg.data.source,
@@ -402,8 +332,8 @@ def run_audit(cfg: Config, paths: RunPaths, progress: bool = True) -> dict:
     }
     if white_box is not None:
         report["white_box_reference"] = white_box
-    n_show = min(4, len(y) // 2)
-    pick = np.concatenate([np.arange(n_show), len(y) - 1 - np.arange(n_show)])
+    n_show = min(4, int(y.sum()), int(len(y) - y.sum()))
+    pick = np.concatenate([np.flatnonzero(y == 1)[:n_show], np.flatnonzero(y == 0)[:n_show]])
     sample_grid = {"queries": evalset.images[pick], "generated": np.asarray(gen_eval)[pick],
                    "labels": y[pick], "captions": [eval_caps[i] for i in pick]}
     os.makedirs(paths.out, exist_ok=True)

@@ -84,6 +84,21 @@ def make_parser(prog: str, description: str, epilog: str = "") -> argparse.Argum
     return p
 
 
+def parse_seeds(text: str | None, seed: int | None) -> list[int] | None:
+    """``--seeds 0,1,2`` -> [0, 1, 2] (distinct integers); None without the flag."""
+    if text is None:
+        return None
+    if seed is not None:
+        raise ConfigError("--seeds and --seed: give one of them")
+    try:
+        seeds = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds {text!r}: expected comma-separated integers, e.g. 0,1,2")
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise ConfigError(f"--seeds {text!r}: expected distinct integers >= 0, e.g. 0,1,2")
+    return seeds
+
+
 def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
@@ -167,8 +182,11 @@ def plan(cfg: Config, paths: RunPaths, what: str) -> str:
     lines += [
         f"  adversary     k={a.k}, captions={a.caption_source}, aux={a.aux_mode}, encoder="
         + (a.encoder.dir or f"CLIP trained {a.encoder.train.steps} steps on auxiliary"),
+        f"  calibrated    {a.n_reference} reference model(s) trained on draws from auxiliary"
+        if a.n_reference else "  calibrated    off (adversary.n_reference=0)",
         f"  evaluation    {s.target_members} members vs {s.target_nonmembers} non-members; "
-        f"controls null_target, shuffled_labels; {a.n_bootstrap} bootstrap resamples",
+        f"controls null_target (Holm alarm), shuffled_labels ({a.n_shuffles} shuffles); "
+        f"{a.n_bootstrap} bootstrap resamples",
         f"  work dir      {paths.work_dir}",
         f"  outputs       {paths.out}/report.json, report.md, roc.png, samples.png, "
         "manifest.json",

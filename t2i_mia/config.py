@@ -167,6 +167,9 @@ class AdversaryConfig:
     # shuffled_labels control: MLPs fitted to this many independent label shuffles; its CI
     # is that of their mean AUC, so more shuffles make the control more sensitive to a leak
     n_shuffles: int = 50
+    # reference models for the calibrated attack: LDMs (or DalleBarts) of the target's kind
+    # trained on seeded draws from the auxiliary split, never on a queried image (0 = none)
+    n_reference: int = 1
     white_box: bool = True  # the labelled upper-bound reference (outside the threat model)
     # side of the downsamples compared by pixel.coarse_mse (0 = leave that feature out)
     pixel_coarse_side: int = 8
@@ -317,7 +320,8 @@ def _preset_ci() -> Config:
             target_known_nonmembers=0, shadow_members=64, shadow_nonmembers=128,
             auxiliary=256)),
         ldm=_ci_tiny_ldm("ci"), dalle=_ci_tiny_dalle("ci"),
-        adversary=AdversaryConfig(k=2, encoder=_ci_tiny_encoder("ci"), n_bootstrap=200,
+        adversary=AdversaryConfig(k=2, encoder=_ci_tiny_encoder("ci"), n_bootstrap=1000,
+                                  n_shuffles=20,
                                   mlp=MLPConfig(hidden=(32,), max_epochs=100, patience=15)),
     )
 
@@ -595,6 +599,8 @@ def validate(cfg: Config) -> Config:
     _check(a.n_bootstrap >= 0, "adversary.n_bootstrap", "must be >= 0")
     _check(isinstance(a.n_shuffles, int) and a.n_shuffles >= 2, "adversary.n_shuffles",
            "must be an integer >= 2 (the control's CI needs the spread between shuffles)")
+    _check(isinstance(a.n_reference, int) and a.n_reference >= 0, "adversary.n_reference",
+           "must be an integer >= 0 (0 = no calibrated attack)")
     _check(a.pixel_coarse_side >= 0, "adversary.pixel_coarse_side",
            f"must be >= 0 (0 = no coarse pixel feature), got {a.pixel_coarse_side}")
     _check(cfg.mesh.model >= 1, "mesh.model", "must be >= 1")

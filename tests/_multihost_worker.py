@@ -148,15 +148,21 @@ def write_reports(out_dir):
     rng = np.random.default_rng(0)
     y = np.r_[np.ones(40), np.zeros(40)].astype(int)
     s = rng.normal(size=80) + y
-    block = M.evaluate(s, (s > 0.5).astype(int), y, n_boot=20, seed=0)
+    from t2i_mia.adversary.evaluation import ATTACKS, null_alarm
+    block = M.evaluate(s, (s > 0.5).astype(int), y, n_boot=20, seed=0, train_scores=s,
+                       train_labels=y)
+    block["null_target"] = M.auc_block(rng.normal(size=80), y, 20, 0)
+    attacks = {a: {"mlp": block, "threshold": {f"{'pixel' if a == 'combined' else a}.x.min":
+                                               block}} for a in ATTACKS}
     fpr, tpr, _ = M.roc_curve(s, y)
     report = {
         "target": "ldm", "data": "synthetic", "n_eval": {"members": 40, "nonmembers": 40},
         "k": 1, "caption_source": "ground_truth", "aux_mode": "shadow", "seeds": {"root": 0},
         "config": {}, "manifest_sha256": "0" * 64, "timings_s": {"attack": 1.0},
-        "attacks": {"pixel": {"mlp": block, "threshold": {"pixel.mse.min": block}}},
-        "controls": {"null_target": {"auc": block["auc"], "auc_ci": block["auc_ci"]},
-                     "shuffled_labels": {"auc": block["auc"], "auc_ci": block["auc_ci"]}}}
+        "attacks": attacks,
+        "controls": {"null_target": {**block["null_target"], **null_alarm(attacks)},
+                     "shuffled_labels": {"auc": block["auc"], "auc_ci": block["auc_ci"],
+                                         "per_shuffle_auc": [0.5, 0.5]}}}
     paths = write_report(os.path.join(out_dir, f"report_p{jax.process_index()}"), report,
                          {"pixel": (fpr, tpr)})
     assert set(paths) == {"json", "md", "roc"}

@@ -29,7 +29,8 @@ def test_dalle_audit_report_and_controls(dalle_report):
     validate_report(on_disk)
     assert on_disk["target"] == "dalle-mini"
     assert on_disk["n_eval"] == {"members": 64, "nonmembers": 128}
-    assert set(on_disk["attacks"]) == {"pixel", "semantic", "faithfulness", "combined"}
+    assert set(on_disk["attacks"]) == {"pixel", "semantic", "faithfulness", "combined",
+                                       "calibrated"}
     # the white-box reference for a seq2seq target is the image-token NLL
     assert "image-token NLL" in on_disk["white_box_reference"]["note"]
     for name in ("null_target", "shuffled_labels"):

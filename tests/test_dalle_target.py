@@ -339,7 +339,7 @@ def test_build_dalle_models_trains_caches_and_loads(tmp_path):
     cfg.data.image_size = SIZE
     cfg.data.splits = SplitsConfig(pretrain=48, target_members=16, target_nonmembers=16,
                                    target_known_members=0, target_known_nonmembers=0,
-                                   shadow_members=16, shadow_nonmembers=16, auxiliary=8)
+                                   shadow_members=16, shadow_nonmembers=16, auxiliary=16)
     cfg.dalle.vqgan = dict(VQ)
     cfg.dalle.bart = dict(BART)
     cfg.dalle.vocab_size = 300
@@ -357,9 +357,14 @@ def test_build_dalle_models_trains_caches_and_loads(tmp_path):
     assert isinstance(models, Models)
     assert models.attack_source is models.null is models.white_box
     assert models.target.name == "target" and models.null.name == "shadow"
-    assert {"autoencoder", "target", "shadow"} <= set(timer.timings)
+    assert {"autoencoder", "target", "shadow", "reference"} <= set(timer.timings)
     done = sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "work" / "models").iterdir())
-    assert done == ["dalle-shadow", "dalle-target", "dalle-tokenizer", "vqgan"]
+    assert done == ["dalle-reference_0", "dalle-shadow", "dalle-target", "dalle-tokenizer",
+                    "vqgan"]
+    # the calibrated attack's reference: trained on auxiliary, not on the null's members
+    assert [r.name for r in models.references] == ["reference_0"]
+    assert models.reference_info[0]["split"] == "auxiliary"
+    assert models.reference_info[0]["members_sha256"] != models.null_info["members_sha256"]
     caps = dataset.captions(manifest.ids("target_members")[:2])
     ids = manifest.ids("target_members")[:2]
     g = models.target.generate(caps, ids, 2, progress=False)

@@ -167,10 +167,9 @@ def test_semantic_features_against_numpy():
     l2 = np.linalg.norm(gn - qn[:, None], axis=-1)
     np.testing.assert_allclose(out["semantic.cosine.max"], cos.max(1), atol=1e-6)
     np.testing.assert_allclose(out["semantic.cosine.mean"], cos.mean(1), atol=1e-6)
-    np.testing.assert_allclose(out["semantic.l2.min"], l2.min(1), atol=1e-5)
+    assert "semantic.l2.min" not in out  # sqrt(2 - 2 cosine.max): no feature of its own
     np.testing.assert_allclose(out["semantic.l2.mean"], l2.mean(1), atol=1e-5)
     assert out["semantic.cosine.max"][2] == pytest.approx(1.0, abs=1e-6)
-    assert out["semantic.l2.min"][2] == pytest.approx(0.0, abs=1e-3)
     np.testing.assert_allclose(out["semantic.emb_query"], qn, atol=1e-6)
     np.testing.assert_allclose(out["semantic.emb_gen_mean"], gn.mean(1), atol=1e-6)
     with pytest.raises(DataError, match=r"g_emb must be \[N, k, D\] = \[4, k, 16\]"):
@@ -198,19 +197,18 @@ def test_feature_matrix_assembly():
     assert pixel_names == sorted(pixel_names) and len(pixel_names) == 8
     # vector features are for the MLP only
     assert "semantic.emb_query" not in F.scalar_feature_names(feats)
-    assert len(F.scalar_feature_names(feats)) == 14
+    assert len(F.scalar_feature_names(feats)) == 13
     x = F.feature_matrix(feats, "pixel")
     assert x.shape == (4, 8) and x.dtype == np.float32
     np.testing.assert_array_equal(x[:, 0], np.asarray(feats[pixel_names[0]]))
     xs = F.feature_matrix(feats, "semantic")
-    assert xs.shape == (4, 4 + 6 + 6)
+    assert xs.shape == (4, 3 + 6 + 6)
     cols = F.feature_columns(feats, "semantic")
-    assert cols[:4] == ["semantic.cosine.max", "semantic.cosine.mean", "semantic.l2.mean",
-                        "semantic.l2.min"]
-    assert cols[4] == "semantic.emb_gen_mean[0]" and cols[-1] == "semantic.emb_query[5]"
-    np.testing.assert_array_equal(xs[:, 10:], np.asarray(feats["semantic.emb_query"]))
+    assert cols[:3] == ["semantic.cosine.max", "semantic.cosine.mean", "semantic.l2.mean"]
+    assert cols[3] == "semantic.emb_gen_mean[0]" and cols[-1] == "semantic.emb_query[5]"
+    np.testing.assert_array_equal(xs[:, 9:], np.asarray(feats["semantic.emb_query"]))
     xc = F.feature_matrix(feats, "combined")
-    assert xc.shape == (4, 2 + 8 + 16)
+    assert xc.shape == (4, 2 + 8 + 15)
     # the order does not depend on dict insertion order
     shuffled = dict(reversed(list(feats.items())))
     np.testing.assert_array_equal(F.feature_matrix(shuffled, "combined"), xc)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from t2i_mia.adversary import metrics as M
-from t2i_mia.errors import DataError
+from t2i_mia.errors import ConfigError, DataError
 
 sklearn_metrics = pytest.importorskip("sklearn.metrics")
 
@@ -152,7 +152,8 @@ def test_bootstrap_is_stratified():
 def test_evaluate_report_block():
     s, y = _gauss(150, 1.5, seed=4)
     p = (s > 0.75).astype(int)
-    out = M.evaluate(s, p, y, n_boot=200, seed=0)
+    s_tr, y_tr = _gauss(150, 1.5, seed=5)
+    out = M.evaluate(s, p, y, n_boot=200, seed=0, train_scores=s_tr, train_labels=y_tr)
     assert tuple(out) == M.METRIC_KEYS
     assert out["auc"] == pytest.approx(sklearn_metrics.roc_auc_score(y, s))
     assert out["accuracy"] == pytest.approx(np.mean(p == y))
@@ -164,7 +165,8 @@ def test_evaluate_report_block():
     assert out["min_resolvable_fpr"] == pytest.approx(1 / 150)
     # 50 non-members: TPR@1% is unmeasurable too, with its CI
     s2, y2 = _gauss(50, 1.5, seed=4)
-    out2 = M.evaluate(s2, (s2 > 0.75).astype(int), y2, n_boot=50, seed=0)
+    out2 = M.evaluate(s2, (s2 > 0.75).astype(int), y2, n_boot=50, seed=0,
+                      train_scores=s_tr, train_labels=y_tr)
     assert out2["tpr_at_fpr_1e-2"] is None and out2["tpr_at_fpr_1e-2_ci"] is None
 
 
@@ -241,3 +243,76 @@ def test_student_t_quantile():
     assert M.student_t_quantile(0.5, 5) == pytest.approx(0.0, abs=1e-9)
     with pytest.raises(Exception, match="student_t_quantile"):
         M.student_t_quantile(0.2, 3)
+
+
+def test_heldout_threshold_and_operating_points():
+    # 200 attack-training non-members: at 1% FPR at most 2 of them lie above the threshold
+    y_tr = np.r_[np.ones(50), np.zeros(200)].astype(int)
+    s_tr = np.r_[np.full(50, 10.0), np.arange(200, dtype=float)]
+    t = M.heldout_threshold(s_tr, y_tr, 1e-2)
+    assert t == 197.0 and np.sum(s_tr[y_tr == 0] > t) == 2
+    assert M.heldout_threshold(s_tr, y_tr, 1e-3) is None  # 200 < 1000 non-members
+    # applied once to an evaluation set: TPR and realised FPR are counts above t
+    y = np.r_[np.ones(10), np.zeros(100)].astype(int)
+    s = np.r_[np.linspace(150, 250, 10), np.linspace(0, 198.5, 100)]
+    out = M.heldout_points(s, y, s_tr, y_tr)
+    assert out["tpr_at_heldout_threshold_1e-2"] == np.mean(s[:10] > 197.0)
+    assert out["realised_fpr_at_heldout_threshold_1e-2"] == np.mean(s[10:] > 197.0) == 0.01
+    lo, hi = out["realised_fpr_at_heldout_threshold_1e-2_ci"]
+    assert lo < 0.01 < hi
+    assert out["tpr_at_heldout_threshold_1e-3"] is None
+
+
+def test_heldout_fpr_is_honest_where_the_roc_figure_is_an_oracle():
+    """On a null attack (no signal) the ROC's TPR@1% picks its threshold with the labels;
+    the held-out threshold's realised FPR stays near its 1% target on average."""
+    rng = np.random.default_rng(0)
+    fprs = []
+    for _ in range(40):
+        y = np.r_[np.ones(300), np.zeros(300)].astype(int)
+        fprs.append(M.heldout_points(rng.normal(size=600), y, rng.normal(size=600),
+                                     y)["realised_fpr_at_heldout_threshold_1e-2"])
+    assert 0.005 < np.mean(fprs) < 0.02
+
+
+def test_wilson_interval_against_known_values():
+    lo, hi = M.wilson_interval(0, 100)
+    assert lo == 0.0 and hi == pytest.approx(0.0370, abs=2e-4)
+    lo, hi = M.wilson_interval(50, 100)
+    assert (lo, hi) == pytest.approx((0.4038, 0.5962), abs=2e-4)
+    with pytest.raises(ConfigError, match="wilson_interval"):
+        M.wilson_interval(5, 3)
+
+
+def test_mann_whitney_p_against_scipy():
+    from scipy.stats import mannwhitneyu
+    rng = np.random.default_rng(2)
+    for shift in (0.0, 0.3, 1.0):
+        s = np.round(rng.normal(size=120) + shift * np.r_[np.ones(40), np.zeros(80)], 1)
+        y = np.r_[np.ones(40), np.zeros(80)].astype(int)
+        ref = mannwhitneyu(s[y == 1], s[y == 0], alternative="two-sided",
+                           method="asymptotic", use_continuity=True).pvalue
+        assert M.mann_whitney_p(s, y) == pytest.approx(ref, rel=1e-6)
+
+
+def test_holm_adjust():
+    adj = M.holm_adjust({"a": 0.01, "b": 0.04, "c": 0.03, "d": 0.5})
+    assert adj == pytest.approx({"a": 0.04, "c": 0.09, "b": 0.09, "d": 0.5})
+
+
+def test_shuffled_control_flags_a_leak_of_auc_056():
+    """The size the control is built for: 500 + 500 evaluation queries, 20 shuffles. An
+    injected leak that moves the mean shuffled AUC to ~0.56 is flagged (CI above 0.5) in
+    most trials; without it the CI contains 0.5 in nearly all."""
+    trials, flagged, false_alarms, means = 20, 0, 0, []
+    for t in range(trials):
+        sets, y = _shuffled_control_trial(100 + t, 0.15, r=20, n=500)
+        auc, (lo, hi) = M.replicate_bootstrap(M.roc_auc, sets, y, n=100, seed=t)
+        means.append(auc)
+        flagged += lo > 0.5
+        sets, y = _shuffled_control_trial(200 + t, 0.0, r=20, n=500)
+        _, (lo, hi) = M.replicate_bootstrap(M.roc_auc, sets, y, n=100, seed=t)
+        false_alarms += not (lo <= 0.5 <= hi)
+    assert 0.55 < np.mean(means) < 0.57, np.mean(means)
+    assert flagged >= 14, flagged
+    assert false_alarms <= 3, false_alarms

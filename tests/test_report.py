@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from t2i_mia.adversary import metrics as M
+from t2i_mia.adversary.evaluation import null_alarm
 from t2i_mia.errors import DataError
 from t2i_mia.report import plots
 from t2i_mia.report.writer import format_table, validate_report, write_report
@@ -18,7 +19,11 @@ def _block(shift, seed, n=120, n_boot=50):
     rng = np.random.default_rng(seed)
     y = np.r_[np.ones(n), np.zeros(n)].astype(int)
     s = rng.normal(size=2 * n) + shift * y
-    return M.evaluate(s, (s > shift / 2).astype(int), y, n_boot=n_boot, seed=0), (s, y)
+    s_tr = rng.normal(size=2 * n) + shift * y
+    block = M.evaluate(s, (s > shift / 2).astype(int), y, n_boot=n_boot, seed=0,
+                       train_scores=s_tr, train_labels=y)
+    block["null_target"] = M.auc_block(rng.normal(size=2 * n), y, n_boot, 0)
+    return block, (s, y)
 
 
 def _report():
@@ -26,13 +31,19 @@ def _report():
     for i, (name, feats) in enumerate([("pixel", ["pixel.mse.min", "pixel.ssim.max"]),
                                        ("semantic", ["semantic.cosine.max"]),
                                        ("faithfulness", ["faithfulness.clip.mean"]),
-                                       ("combined", ["pixel.mse.min", "semantic.l2.min"])]):
+                                       ("combined", ["pixel.mse.min", "semantic.l2.mean"])]):
         mlp, (s, y) = _block(0.5 + i, seed=i)
         attacks[name] = {"mlp": mlp,
                          "threshold": {f: _block(0.3, seed=10 + j)[0] for j, f in enumerate(feats)}}
         fpr, tpr, _ = M.roc_curve(s, y)
         curves[name] = (fpr, tpr)
-    null, _ = _block(0.0, seed=20)
+    attacks["calibrated"] = {
+        "threshold": {"calibrated.pixel.mse.min": _block(0.8, seed=40)[0]},
+        "reference_models": [{"name": "reference_0", "split": "auxiliary", "n_members": 64,
+                              "members_sha256": "cd" * 32}]}
+    null = {**attacks["combined"]["mlp"]["null_target"], **null_alarm(attacks),
+            "model": {"name": "shadow", "split": "shadow_members", "n_members": 64,
+                      "members_sha256": "ef" * 32}}
     shuf, _ = _block(0.0, seed=21)
     return {
         "target": "ldm", "data": "synthetic", "n_eval": {"members": 120, "nonmembers": 120},
@@ -40,8 +51,10 @@ def _report():
         "seeds": {"root": 0, "bootstrap": 0}, "config": {"preset": "ci", "adversary": {"k": 4}},
         "manifest_sha256": "ab" * 32, "timings_s": {"train_target": 12.5, "attack": np.float32(3.25)},
         "attacks": attacks,
-        "controls": {"null_target": {"auc": null["auc"], "auc_ci": null["auc_ci"]},
-                     "shuffled_labels": shuf},
+        "controls": {"null_target": null,
+                     "shuffled_labels": {"auc": shuf["auc"], "auc_ci": shuf["auc_ci"],
+                                         "per_shuffle_auc": [0.45, 0.52, 0.55],
+                                         "n_shuffles": 3}},
     }, curves
 
 
@@ -65,7 +78,7 @@ def test_write_report_files(tmp_path):
     assert paths["json"] == str(out / "report.json")
     loaded = json.loads((out / "report.json").read_text())
     validate_report(loaded)
-    assert loaded["schema_version"] == 1
+    assert loaded["schema_version"] == 2
     assert loaded["timings_s"]["attack"] == 3.25  # numpy scalars became JSON numbers
     assert loaded["attacks"]["pixel"]["mlp"]["tpr_at_fpr_1e-3"] is None  # JSON null
     assert loaded["attacks"]["pixel"]["mlp"]["auc"] == report["attacks"]["pixel"]["mlp"]["auc"]
@@ -152,12 +165,27 @@ def test_png_writer_failure_leaves_no_file(tmp_path, monkeypatch):
      "missing key 'controls.shuffled_labels.auc_ci'"),
     (lambda r: r.update(k=0), "'k' must be a positive integer"),
     (lambda r: r.update(seeds={"root": 1.5}), "'seeds.root' must be an integer"),
-    (lambda r: r.update(schema_version=2), "'schema_version' must be 1"),
+    (lambda r: r.update(schema_version=1), "'schema_version' must be 2"),
+    (lambda r: r["attacks"]["pixel"]["mlp"].pop("null_target"),
+     "missing key 'attacks.pixel.mlp.null_target'"),
+    (lambda r: r["attacks"]["pixel"]["threshold"]["pixel.mse.min"].pop(
+        "realised_fpr_at_heldout_threshold_1e-2"),
+     "missing key 'attacks.pixel.threshold.pixel.mse.min.realised_fpr_at_heldout_threshold_1e-2'"),
+    (lambda r: r["attacks"]["calibrated"]["threshold"].update(
+        {"pixel.mse.min": r["attacks"]["pixel"]["mlp"]}),
+     "'attacks.calibrated.threshold.pixel.mse.min': feature names"),
+    (lambda r: r["attacks"]["calibrated"].pop("reference_models"),
+     "missing key 'attacks.calibrated.reference_models'"),
+    (lambda r: r["attacks"]["calibrated"].update(mlp={}), "unknown key 'attacks.calibrated.mlp'"),
+    (lambda r: r["controls"]["null_target"].update(alarm="no"),
+     "'controls.null_target.alarm' must be true or false"),
+    (lambda r: r["controls"]["shuffled_labels"].update(per_shuffle_auc=[0.5]),
+     "per_shuffle_auc' must list >= 2"),
     (lambda r: r.update(manifest_sha256="xyz"), "'manifest_sha256' must be 64"),
 ])
 def test_validate_report_names_the_key(mutate, message):
     report, _ = _report()
-    report["schema_version"] = 1
+    report["schema_version"] = 2
     validate_report(report)
     mutate(report)
     with pytest.raises(DataError, match=message):

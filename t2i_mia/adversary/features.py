@@ -14,8 +14,9 @@ Feature names follow ``<attack>.<metric>.<agg>`` (conventions, "Report"):
   layout and colours before its fine texture; at full resolution the unmemorised texture
   adds the same noise to members and non-members, which the coarse distance filters out
   (tiny LDM: MSE(min) AUC 0.709 at 32x32, 0.748 at 8x8).
-* semantic (Attack II): ``semantic.cosine.{max,mean}``, ``semantic.l2.{min,mean}`` (L2 between
-  L2-normalised embeddings), and two vector features for the MLP only:
+* semantic (Attack II): ``semantic.cosine.{max,mean}``, ``semantic.l2.mean`` (mean L2 between
+  L2-normalised embeddings; the minimum L2 is sqrt(2 - 2 cosine.max), the same ranking, so
+  it is not a feature of its own), and two vector features for the MLP only:
   ``semantic.emb_query`` f32[N, D] and ``semantic.emb_gen_mean`` f32[N, D].
 * faithfulness (Attack III): ``faithfulness.clip.{max,mean}``: cosine between the caption's
   text embedding and each generated image's embedding.
@@ -213,8 +214,8 @@ def semantic_features(q_emb, g_emb) -> dict[str, jax.Array]:
       q_emb: f32[N, D], the query image's embedding.
       g_emb: f32[N, k, D], the k generated images' embeddings (same encoder).
     Returns:
-      ``semantic.cosine.{max,mean}``, ``semantic.l2.{min,mean}`` f32[N] (L2 between the
-      L2-normalised embeddings); ``semantic.emb_query`` f32[N, D] (normalised query
+      ``semantic.cosine.{max,mean}``, ``semantic.l2.mean`` f32[N] (L2 between the
+      L2-normalised embeddings; its minimum would duplicate ``cosine.max``); ``semantic.emb_query`` f32[N, D] (normalised query
       embedding) and ``semantic.emb_gen_mean`` f32[N, D] (mean of the normalised generated
       embeddings), vector features for the MLP only.
     """
@@ -225,7 +226,7 @@ def semantic_features(q_emb, g_emb) -> dict[str, jax.Array]:
     l2 = jnp.linalg.norm(g - q[:, None, :], axis=-1)
     return {
         "semantic.cosine.max": cos.max(axis=1), "semantic.cosine.mean": cos.mean(axis=1),
-        "semantic.l2.min": l2.min(axis=1), "semantic.l2.mean": l2.mean(axis=1),
+        "semantic.l2.mean": l2.mean(axis=1),
         "semantic.emb_query": q, "semantic.emb_gen_mean": g.mean(axis=1),
     }
 

@@ -340,23 +340,122 @@ def student_t_quantile(p: float, df: int) -> float:
     return 0.5 * (lo + hi)
 
 
+# ----------------------------------------------------------------------------- tests, intervals
+
+def mann_whitney_p(scores, labels) -> float:
+    """Two-sided p-value of "members' and non-members' scores have one distribution" (the
+    Mann-Whitney U test, i.e. AUC = 0.5): normal approximation with the tie correction of
+    the variance and a continuity correction of 1/2. Exact enough from ~10 per class."""
+    s, y = _check(scores, labels, "mann_whitney_p")
+    n1, n0 = int(y.sum()), int(y.size - y.sum())
+    u = roc_auc(s, y) * n1 * n0
+    _, counts = np.unique(s, return_counts=True)
+    n = n1 + n0
+    ties = float(np.sum(counts.astype(np.float64) ** 3 - counts))
+    var = n1 * n0 / 12.0 * ((n + 1) - ties / (n * (n - 1)))
+    if var <= 0.0:  # every score tied: no evidence either way
+        return 1.0
+    z = max(0.0, abs(u - n1 * n0 / 2.0) - 0.5) / math.sqrt(var)
+    return float(math.erfc(z / math.sqrt(2.0)))
+
+
+def holm_adjust(p_values: dict[str, float]) -> dict[str, float]:
+    """Holm's step-down adjusted p-values (family-wise error control over the family):
+    sorted p_(1) <= ... <= p_(m), adjusted p_(i) = max_{j <= i} min(1, (m - j + 1) p_(j)).
+    Reject the hypotheses whose adjusted p-value is below alpha."""
+    names = sorted(p_values, key=lambda n: (p_values[n], n))
+    m, running, out = len(names), 0.0, {}
+    for i, name in enumerate(names):
+        running = max(running, min(1.0, (m - i) * float(p_values[name])))
+        out[name] = running
+    return out
+
+
+def wilson_interval(successes: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
+    """Wilson score (1 - alpha) interval of a binomial proportion (good coverage near 0 and
+    1, unlike the normal interval). Used for rates at a threshold fixed beforehand, where the
+    count is binomial given the threshold."""
+    if n < 1 or not 0 <= successes <= n:
+        raise ConfigError(f"wilson_interval: need 0 <= successes <= n and n >= 1, got "
+                          f"{successes}, {n}")
+    z = _normal_quantile(1.0 - alpha / 2.0)
+    p = successes / n
+    den = 1.0 + z * z / n
+    mid = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return max(0.0, mid - half), min(1.0, mid + half)
+
+
+def _normal_quantile(p: float) -> float:
+    """Standard normal p-quantile (bisection on erfc; 1e-12)."""
+    lo, hi = -40.0, 40.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if 0.5 * math.erfc(-mid / math.sqrt(2.0)) < p else (lo, mid)
+    return 0.5 * (lo + hi)
+
+
+def heldout_threshold(train_scores, train_labels, fpr: float) -> float | None:
+    """A decision threshold fixed on attack-training data: "member iff score > t" with at
+    most ``floor(fpr * n)`` of the n attack-training non-members above t (t is the
+    (m+1)-th highest non-member score). None when fpr < 1 / n: the attack-training set has
+    too few non-members to set it."""
+    s, y = _check(train_scores, train_labels, "heldout_threshold")
+    neg = np.sort(s[y == 0])[::-1]
+    m = _max_false_positives(fpr, neg.size)
+    if m is None:
+        return None
+    return float(neg[m]) if m < neg.size else float(neg[-1]) - 1.0
+
+
+HELDOUT_FPRS = {"1e-2": 1e-2, "1e-3": 1e-3}
+HELDOUT_KEYS = tuple(k for tag in HELDOUT_FPRS for k in (
+    f"tpr_at_heldout_threshold_{tag}", f"tpr_at_heldout_threshold_{tag}_ci",
+    f"realised_fpr_at_heldout_threshold_{tag}", f"realised_fpr_at_heldout_threshold_{tag}_ci"))
+
+
+def heldout_points(scores, labels, train_scores, train_labels) -> dict:
+    """The deployable operating points: for each FPR target in ``HELDOUT_FPRS``, the
+    threshold of :func:`heldout_threshold` on attack-training scores, applied once to the
+    evaluation scores: its TPR and realised FPR there, each with a 95% Wilson interval
+    (given the threshold the counts are binomial; the threshold's own sampling is not in
+    the interval). Unsettable targets give None values."""
+    s, y = _check(scores, labels, "heldout_points")
+    out = {}
+    pos, neg = s[y == 1], s[y == 0]
+    for tag, fpr in HELDOUT_FPRS.items():
+        t = heldout_threshold(train_scores, train_labels, fpr)
+        tk, fk = f"tpr_at_heldout_threshold_{tag}", f"realised_fpr_at_heldout_threshold_{tag}"
+        if t is None:
+            out.update({tk: None, tk + "_ci": None, fk: None, fk + "_ci": None})
+            continue
+        tp, fp = int(np.sum(pos > t)), int(np.sum(neg > t))
+        out[tk], out[tk + "_ci"] = tp / pos.size, list(wilson_interval(tp, pos.size))
+        out[fk], out[fk + "_ci"] = fp / neg.size, list(wilson_interval(fp, neg.size))
+    return out
+
+
 # ----------------------------------------------------------------------------- report block
 
 METRIC_KEYS = ("auc", "auc_ci", "accuracy", "balanced_accuracy", "tpr_at_fpr_1e-2",
-               "tpr_at_fpr_1e-2_ci", "tpr_at_fpr_1e-3", "min_resolvable_fpr")
+               "tpr_at_fpr_1e-2_ci", "tpr_at_fpr_1e-3", "min_resolvable_fpr") + HELDOUT_KEYS
 
 
-def evaluate(scores, preds, labels, n_boot: int = 1000, seed: int = 0) -> dict:
-    """One attack's block of the report (conventions, "Report").
+def evaluate(scores, preds, labels, n_boot: int = 1000, seed: int = 0, *,
+             train_scores, train_labels) -> dict:
+    """One attack's block of the report.
 
     Args:
       scores: f[N], higher = member (e.g. an MLP logit or a signed threshold feature).
       preds: {0,1}[N], the attack's decisions (its threshold fitted on attack-training data).
       labels: {0,1}[N], evaluation membership.
       n_boot, seed: bootstrap resamples and seed (shared by both CIs: paired resamples).
-    Returns: ``{auc, auc_ci, accuracy, balanced_accuracy, tpr_at_fpr_1e-2,
-      tpr_at_fpr_1e-2_ci, tpr_at_fpr_1e-3, min_resolvable_fpr}``; CIs are [lo, hi] lists;
-      unmeasurable values are None.
+      train_scores, train_labels: the same attack's scores on its attack-training data, for
+        the held-out operating points (:func:`heldout_points`).
+    Returns: ``METRIC_KEYS`` -> values. ``tpr_at_fpr_*`` are read off the evaluation ROC
+      (the threshold chosen with the evaluation labels: an oracle operating point, as in
+      LiRA's tables); ``*_at_heldout_threshold_*`` use a threshold fixed on attack-training
+      data (what an auditor can deploy). CIs are [lo, hi] lists; unmeasurable values None.
     """
     _check(scores, labels, "evaluate")
     tpr2 = functools.partial(tpr_at_fpr, fpr=1e-2)
@@ -371,4 +470,13 @@ def evaluate(scores, preds, labels, n_boot: int = 1000, seed: int = 0) -> dict:
         "tpr_at_fpr_1e-2_ci": list(tpr2_ci) if tpr2_ci is not None else None,
         "tpr_at_fpr_1e-3": tpr_at_fpr(scores, labels, 1e-3),
         "min_resolvable_fpr": min_resolvable_fpr(labels),
+        **heldout_points(scores, labels, train_scores, train_labels),
     }
+
+
+def auc_block(scores, labels, n_boot: int = 1000, seed: int = 0) -> dict:
+    """``{auc, auc_ci, p_value}``: a control's AUC, its bootstrap CI and the two-sided
+    Mann-Whitney p-value of AUC = 0.5."""
+    ci = bootstrap_ci(roc_auc, scores, labels, n_boot, seed)
+    return {"auc": roc_auc(scores, labels), "auc_ci": list(ci) if ci is not None else None,
+            "p_value": mann_whitney_p(scores, labels)}

@@ -151,6 +151,22 @@ class SplitManifest:
         """What the target trains on: ``target_members`` then ``target_known_members``."""
         return self.ids("target_members") + self.ids("target_known_members")
 
+    def reference_ids(self, index: int, size: int) -> list[int]:
+        """The members of the calibrated attack's reference model ``index``: a seeded draw
+        (manifest seed, index) of ``size`` ids from ``auxiliary``, the adversary's own data,
+        which no queried split shares. DataError if ``auxiliary`` is smaller than ``size``."""
+        aux = self.ids("auxiliary")
+        if size > len(aux):
+            raise DataError(f"split manifest: a reference model needs {size} members but "
+                            f"'auxiliary' has {len(aux)} (data.splits.auxiliary)")
+        rng = np.random.Generator(np.random.PCG64([self.seed, 0x7ef, index]))
+        pick = np.sort(rng.choice(len(aux), size, replace=False))
+        return [aux[i] for i in pick]
+
+    def reference_hashes(self, index: int, size: int) -> list[str]:
+        by_id = dict(zip(self.ids("auxiliary"), self.hashes("auxiliary")))
+        return [by_id[i] for i in self.reference_ids(index, size)]
+
     def check_disjoint(self) -> None:
         """DataError naming both splits and an offending id and hash when two splits share
         content (or an id), or naming the split when one holds the same content twice."""

@@ -1,12 +1,16 @@
-"""The audit report: ``report.json`` (schema_version 1), ``report.md``, ``roc.png``, ``samples.png``.
+"""The audit report: ``report.json`` (schema_version 2), ``report.md``, ``roc.png``, ``samples.png``.
 
-The schema is the one of the conventions ("Report")::
+Schema 2 (documented for users in docs/report.md)::
 
     target, data, n_eval: {members, nonmembers}, k, caption_source, aux_mode, seeds, config,
     manifest_sha256, timings_s: {<phase>: s},
-    attacks: {<pixel|semantic|faithfulness|combined>: {
-       mlp: {<METRIC_KEYS>}, threshold: {<feature name>: {<METRIC_KEYS>}}}},
-    controls: {null_target: {auc, auc_ci}, shuffled_labels: {auc, auc_ci}}
+    attacks: {<pixel|semantic|faithfulness|combined>: {mlp: ENTRY, threshold: {<feature>: ENTRY}},
+              calibrated?: {threshold: {calibrated.<feature>: ENTRY}, reference_models: [MODEL]}},
+    controls: {null_target: {auc, auc_ci, p_value, alpha, alarm, per_attack, model?},
+               shuffled_labels: {auc, auc_ci, per_shuffle_auc, n_shuffles}}
+
+    ENTRY = {<METRIC_KEYS>, null_target: {auc, auc_ci, p_value}}
+    MODEL = {name, split, n_members, members_sha256}
 
 :func:`validate_report` checks it; top-level keys beyond these are allowed (e.g. a white-box
 reference block) and written unchanged. ``manifest.json`` is written by the audit pipeline.
@@ -23,19 +27,24 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from t2i_mia.adversary.evaluation import ALL_ATTACKS, CALIBRATED
 from t2i_mia.adversary.metrics import METRIC_KEYS
 from t2i_mia.errors import DataError
 from t2i_mia.parallel.distributed import is_primary
 from t2i_mia.report import plots
 
-SCHEMA_VERSION = 1
-ATTACK_NAMES = ("pixel", "semantic", "faithfulness", "combined")
+SCHEMA_VERSION = 2
+ATTACK_NAMES = ALL_ATTACKS  # pixel, semantic, faithfulness, combined, calibrated
 CONTROL_NAMES = ("null_target", "shuffled_labels")
 _FAMILIES = ("pixel", "semantic", "faithfulness")
 _FEATURE_RE = re.compile(r"^(pixel|semantic|faithfulness)\.[A-Za-z0-9_]+\.[A-Za-z0-9_]+$")
+_NULL_KEYS = ("auc", "auc_ci", "p_value")
+_MODEL_KEYS = ("name", "split", "n_members", "members_sha256")
 _KNOWN_KEYS = {"schema_version", "target", "data", "n_eval", "k", "caption_source", "aux_mode",
                "seeds", "config", "manifest_sha256", "timings_s", "attacks", "controls"}
-_NULLABLE = {"tpr_at_fpr_1e-2", "tpr_at_fpr_1e-3"}  # unmeasurable below 1/n_nonmembers
+# unmeasurable below 1/n_nonmembers (of the evaluation or of the attack-training set)
+_NULLABLE = {"tpr_at_fpr_1e-2", "tpr_at_fpr_1e-3"} | {
+    k for k in METRIC_KEYS if "heldout" in k and not k.endswith("_ci")}
 
 
 # ----------------------------------------------------------------------------- JSON values
@@ -105,7 +114,7 @@ def _ci(v, where: str) -> None:
                         f"got {v!r}")
 
 
-def _metrics(block, where: str, required=METRIC_KEYS) -> None:
+def _metrics(block, where: str, required=METRIC_KEYS, extra=()) -> None:
     if not isinstance(block, Mapping):
         raise DataError(f"report: '{where}' must be an object of metrics, got "
                         f"{type(block).__name__}")
@@ -113,7 +122,9 @@ def _metrics(block, where: str, required=METRIC_KEYS) -> None:
         _need(block, key, where)
     for key, v in block.items():
         w = f"{where}.{key}"
-        if key not in METRIC_KEYS:
+        if key in extra:
+            continue
+        if key not in METRIC_KEYS and key != "p_value":
             raise DataError(f"report: unknown key '{w}' (metric keys: {list(METRIC_KEYS)})")
         if key.endswith("_ci"):
             _ci(v, w)
@@ -122,6 +133,21 @@ def _metrics(block, where: str, required=METRIC_KEYS) -> None:
                 raise DataError(f"report: '{w}' must be a number in (0, 1], got {v!r}")
         else:
             _rate(v, w, nullable=key in _NULLABLE)
+
+
+def _entry(block, where: str) -> None:
+    """An attack entry: the metrics and its null_target block."""
+    _metrics(block, where, extra=("null_target",))
+    _metrics(_need(block, "null_target", where), f"{where}.null_target", required=_NULL_KEYS)
+
+
+def _model(m, where: str) -> None:
+    for key in _MODEL_KEYS:
+        _need(m, key, where)
+    if not re.fullmatch(r"[0-9a-f]{64}", str(m["members_sha256"])):
+        raise DataError(f"report: '{where}.members_sha256' must be 64 lowercase hex digits")
+    if not _is_int(m["n_members"]) or m["n_members"] < 1:
+        raise DataError(f"report: '{where}.n_members' must be a positive integer")
 
 
 def validate_report(report: Mapping) -> None:
@@ -167,26 +193,56 @@ def validate_report(report: Mapping) -> None:
     for name, block in attacks.items():
         if name not in ATTACK_NAMES:
             raise DataError(f"report: unknown attack 'attacks.{name}' (expected {ATTACK_NAMES})")
-        _metrics(_need(block, "mlp", f"attacks.{name}"), f"attacks.{name}.mlp")
+        allowed = {"threshold", "reference_models"} if name == CALIBRATED else {"mlp",
+                                                                                "threshold"}
+        extra = set(block) - allowed
+        if extra:
+            raise DataError(f"report: unknown key 'attacks.{name}.{sorted(extra)[0]}'")
+        if name != CALIBRATED:
+            _entry(_need(block, "mlp", f"attacks.{name}"), f"attacks.{name}.mlp")
+        else:
+            refs = _need(block, "reference_models", f"attacks.{name}")
+            if not isinstance(refs, list) or not refs:
+                raise DataError(f"report: 'attacks.{name}.reference_models' must be a "
+                                "non-empty list of models")
+            for i, m in enumerate(refs):
+                _model(m, f"attacks.{name}.reference_models[{i}]")
         thresholds = _need(block, "threshold", f"attacks.{name}")
         if not isinstance(thresholds, Mapping) or not thresholds:
             raise DataError(f"report: 'attacks.{name}.threshold' must be a non-empty object "
                             "feature -> metrics")
-        extra = set(block) - {"mlp", "threshold"}
-        if extra:
-            raise DataError(f"report: unknown key 'attacks.{name}.{sorted(extra)[0]}'")
         for feat, m in thresholds.items():
-            fam = _FEATURE_RE.match(feat)
-            if not fam or (name != "combined" and fam.group(1) != name):
+            base = feat[len(CALIBRATED) + 1:] if name == CALIBRATED else feat
+            fam = _FEATURE_RE.match(base)
+            if name == CALIBRATED and not feat.startswith(CALIBRATED + "."):
+                fam = None
+            if not fam or (name not in ("combined", CALIBRATED) and fam.group(1) != name):
                 raise DataError(f"report: 'attacks.{name}.threshold.{feat}': feature names are "
-                                f"'<attack>.<metric>.<agg>' of attack "
-                                f"{'pixel|semantic|faithfulness' if name == 'combined' else name}")
-            _metrics(m, f"attacks.{name}.threshold.{feat}")
+                                f"'{'calibrated.' if name == CALIBRATED else ''}"
+                                f"<attack>.<metric>.<agg>' of attack "
+                                f"{name if name in _FAMILIES else 'pixel|semantic|faithfulness'}")
+            _entry(m, f"attacks.{name}.threshold.{feat}")
 
     controls = _need(report, "controls", "")
-    for name in CONTROL_NAMES:
-        _metrics(_need(controls, name, "controls"), f"controls.{name}",
-                 required=("auc", "auc_ci"))
+    null = _need(controls, "null_target", "controls")
+    _metrics(null, "controls.null_target", required=_NULL_KEYS + ("alpha", "alarm",
+                                                                  "per_attack"),
+             extra=("alpha", "alarm", "per_attack", "model"))
+    if not isinstance(null["alarm"], bool):
+        raise DataError("report: 'controls.null_target.alarm' must be true or false")
+    for attack, m in _need(null, "per_attack", "controls.null_target").items():
+        _metrics(m, f"controls.null_target.per_attack.{attack}",
+                 required=_NULL_KEYS + ("p_holm",), extra=("p_holm",))
+    if "model" in null:
+        _model(null["model"], "controls.null_target.model")
+    shuf = _need(controls, "shuffled_labels", "controls")
+    _metrics(shuf, "controls.shuffled_labels", required=("auc", "auc_ci", "per_shuffle_auc"),
+             extra=("per_shuffle_auc", "n_shuffles"))
+    per = shuf["per_shuffle_auc"]
+    if not isinstance(per, list) or len(per) < 2:
+        raise DataError("report: 'controls.shuffled_labels.per_shuffle_auc' must list >= 2 AUCs")
+    for i, v in enumerate(per):
+        _rate(v, f"controls.shuffled_labels.per_shuffle_auc[{i}]", nullable=False)
     extra = set(controls) - set(CONTROL_NAMES)
     if extra:
         raise DataError(f"report: unknown key 'controls.{sorted(extra)[0]}'")
@@ -205,15 +261,22 @@ def _with_ci(v, ci) -> str:
 
 
 def _metric_cells(m: Mapping) -> list[str]:
-    return [_with_ci(m["auc"], m["auc_ci"]), _num(m["accuracy"]), _num(m["balanced_accuracy"]),
+    null = m.get("null_target")
+    held = ("n/a" if m.get("tpr_at_heldout_threshold_1e-2") is None else
+            f"{_num(m['tpr_at_heldout_threshold_1e-2'])} / "
+            f"{_num(m['realised_fpr_at_heldout_threshold_1e-2'])}")
+    return [_with_ci(m["auc"], m["auc_ci"]),
+            "n/a" if null is None else _with_ci(null["auc"], null["auc_ci"]),
+            _num(m["accuracy"]), _num(m["balanced_accuracy"]),
             _with_ci(m["tpr_at_fpr_1e-2"], m["tpr_at_fpr_1e-2_ci"]),
-            _num(m["tpr_at_fpr_1e-3"])]
+            _num(m["tpr_at_fpr_1e-3"]), held]
 
 
-_HEADER = ["AUC [95% CI]", "accuracy", "balanced acc.", "TPR@1%FPR [95% CI]", "TPR@0.1%FPR"]
+_HEADER = ["AUC [95% CI]", "null target AUC [95% CI]", "accuracy", "balanced acc.",
+           "TPR@1%FPR, ROC [95% CI]", "TPR@0.1%FPR, ROC", "held-out 1% threshold: TPR / FPR"]
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
@@ -223,23 +286,43 @@ def _attack_order(attacks: Mapping) -> list[str]:
     return [a for a in ATTACK_NAMES if a in attacks]
 
 
+def _mlp_attacks(attacks: Mapping) -> list[str]:
+    return [a for a in _attack_order(attacks) if "mlp" in attacks[a]]
+
+
+def _contains_half(ci) -> str:
+    return "n/a" if ci is None else ("yes" if ci[0] <= 0.5 <= ci[1] else "NO")
+
+
 def _controls_table(report: Mapping) -> str:
-    rows = []
-    for name in CONTROL_NAMES:
-        c = report["controls"][name]
-        ci = c["auc_ci"]
-        ok = "n/a" if ci is None else ("yes" if ci[0] <= 0.5 <= ci[1] else "NO")
-        rows.append([name, _with_ci(c["auc"], ci), ok])
-    return _table(["control", "AUC [95% CI]", "CI contains 0.5"], rows)
+    null = report["controls"]["null_target"]
+    shuf = report["controls"]["shuffled_labels"]
+    rows = [["null_target (combined MLP)", _with_ci(null["auc"], null["auc_ci"]),
+             _contains_half(null["auc_ci"]),
+             f"alarm: {'YES' if null['alarm'] else 'no'} (Holm over the attack MLPs, "
+             f"alpha {null['alpha']})"],
+            ["shuffled_labels", _with_ci(shuf["auc"], shuf["auc_ci"]),
+             _contains_half(shuf["auc_ci"]),
+             f"mean of {len(shuf['per_shuffle_auc'])} shuffles (range "
+             f"{_num(min(shuf['per_shuffle_auc']))}-{_num(max(shuf['per_shuffle_auc']))})"]]
+    return markdown_table(["control", "AUC [95% CI]", "CI contains 0.5", ""], rows)
+
+
+def _holm_table(report: Mapping) -> str:
+    per = report["controls"]["null_target"]["per_attack"]
+    rows = [[a, _with_ci(per[a]["auc"], per[a]["auc_ci"]), f"{per[a]['p_value']:.3g}",
+             f"{per[a]['p_holm']:.3g}"] for a in ATTACK_NAMES if a in per]
+    return markdown_table(["attack MLP on the null target", "AUC [95% CI]", "p (AUC = 0.5)",
+                   "p, Holm-adjusted"], rows)
 
 
 def format_table(report: Mapping) -> str:
     """The headline table (attack-model rows, then the controls), as markdown text."""
     rows = [[a] + _metric_cells(report["attacks"][a]["mlp"])
-            for a in _attack_order(report["attacks"])]
+            for a in _mlp_attacks(report["attacks"])]
     n = report["n_eval"]
     return (f"Attack models (MLP), {n['members']} members vs {n['nonmembers']} non-members, "
-            f"k = {report['k']}:\n\n" + _table(["attack"] + _HEADER, rows)
+            f"k = {report['k']}:\n\n" + markdown_table(["attack"] + _HEADER, rows)
             + "\n\nControls:\n\n" + _controls_table(report) + "\n")
 
 
@@ -247,7 +330,7 @@ def format_markdown(report: Mapping) -> str:
     """The whole report.md."""
     n = report["n_eval"]
     seeds = ", ".join(f"{k} = {v}" for k, v in report["seeds"].items())
-    meta = _table(["", ""], [
+    meta = markdown_table(["", ""], [
         ["target", str(report["target"])], ["data", str(report["data"])],
         ["n_eval", f"{n['members']} members, {n['nonmembers']} non-members"],
         ["k (generations per query)", str(report["k"])],
@@ -260,8 +343,18 @@ def format_markdown(report: Mapping) -> str:
             thr_rows.append([a, f"`{feat}`"]
                             + _metric_cells(report["attacks"][a]["threshold"][feat]))
     mlp_rows = [[a] + _metric_cells(report["attacks"][a]["mlp"])
-                for a in _attack_order(report["attacks"])]
-    timings = _table(["phase", "seconds"],
+                for a in _mlp_attacks(report["attacks"])]
+    refs = report["attacks"].get(CALIBRATED, {}).get("reference_models", [])
+    ref_lines = [] if not refs else [
+        "## Calibrated attack: reference models", "",
+        "`calibrated.<feature>` = the feature on the target minus its mean over reference "
+        "models that never saw the query (offline LiRA with a global variance); thresholds "
+        "above, attack `calibrated`.", "",
+        markdown_table(["model", "trained on", "members", "members sha256"],
+               [[m["name"], m["split"], str(m["n_members"]), f"`{m['members_sha256'][:16]}`"]
+                for m in refs]), ""]
+    null_model = report["controls"]["null_target"].get("model")
+    timings = markdown_table(["phase", "seconds"],
                      [[p, f"{float(s):.2f}"] for p, s in report["timings_s"].items()])
     extra_rows, notes = [], []
     for key in sorted(report):  # e.g. a white-box reference block (outside the threat model)
@@ -275,28 +368,41 @@ def format_markdown(report: Mapping) -> str:
                 if isinstance(block.get("note"), str):
                     notes.append(f"{key}: {block['note']}")
     extra = [] if not extra_rows else [
-        "## Other results", "", _table(["result"] + _HEADER, extra_rows), "", *notes, ""]
-    any_mlp = next(iter(report["attacks"].values()))["mlp"]
+        "## Other results", "", markdown_table(["result"] + _HEADER, extra_rows), "", *notes, ""]
+    any_mlp = report["attacks"][_mlp_attacks(report["attacks"])[0]]["mlp"]
     floor = any_mlp["min_resolvable_fpr"]
     return "\n".join([
         f"# Membership inference audit: {report['target']} on {report['data']}", "",
         meta, "",
         "## Attack models (MLP)", "",
-        _table(["attack"] + _HEADER, mlp_rows), "",
+        markdown_table(["attack"] + _HEADER, mlp_rows), "",
         "## Threshold attacks (one feature each)", "",
-        _table(["attack", "feature"] + _HEADER, thr_rows), "",
-        f"CIs: 95% stratified bootstrap. n/a: not measurable; a TPR at an FPR below "
-        f"1/n_nonmembers = {_num(floor, 5)} cannot be resolved on this evaluation set. "
-        "Thresholds and attack models were fitted on attack-training data only.", "",
+        markdown_table(["attack", "feature"] + _HEADER, thr_rows), "",
+        f"CIs: 95% stratified bootstrap over the evaluation set. n/a: not measurable; a TPR "
+        f"at an FPR below 1/n_nonmembers = {_num(floor, 5)} cannot be resolved on this "
+        "evaluation set. Thresholds and attack models were fitted on attack-training data "
+        "only. `TPR@1%FPR, ROC` is read off the evaluation ROC (its threshold chosen with the "
+        "evaluation labels: an oracle operating point). `held-out 1% threshold` is what an "
+        "auditor can deploy: the threshold that lets 1% of the attack-training non-members "
+        "through, applied once to the evaluation set; it gives that TPR and that realised FPR "
+        "(report.json: with Wilson CIs, and the same at 0.1%). `null target AUC` is the same "
+        "fitted attack on the null model's generations of the same queries.", "",
+        *ref_lines,
         *extra,
         "## Controls", "",
         _controls_table(report), "",
-        "A control whose CI excludes 0.5 needs investigation (a label leak is the first "
-        "suspect). `null_target`'s CI covers evaluation sampling; `shuffled_labels` is the "
-        "mean AUC of attacks fitted to independent label shuffles, and its CI (Student t) "
-        "covers evaluation sampling and the spread between shuffles. Attack CIs cover "
+        _holm_table(report), "",
+        "A control whose CI excludes 0.5, or a null-target alarm, needs investigation (a "
+        "label leak, or member and non-member sets that differ in distribution, are the "
+        "first suspects). The null target is a model of the target's kind that never saw "
+        "the evaluated members"
+        + (f" (`{null_model['name']}`, trained on {null_model['split']})" if null_model
+           else "") + "; its alarm tests AUC = 0.5 for each attack MLP (two-sided "
+        "Mann-Whitney) with Holm's correction over them. `shuffled_labels` is the mean AUC "
+        "of attacks fitted to independent class-balanced label shuffles; its CI (Student t) "
+        "covers evaluation sampling and the spread between shuffles. Every other CI covers "
         "evaluation sampling only, not the randomness of the attack's or the target's "
-        "training.", "",
+        "training: run several seeds (`--seeds`) for that.", "",
         "## Timings", "",
         timings, "",
         "Figures: `roc.png` (log-log ROC), `samples.png` (query | generations).", ""])
@@ -304,7 +410,7 @@ def format_markdown(report: Mapping) -> str:
 
 # ----------------------------------------------------------------------------- writing
 
-def _write_text_atomic(path: str, text: str) -> None:
+def write_text_atomic(path: str, text: str) -> None:
     tmp = path + ".tmp"
     try:
         with open(tmp, "w", encoding="utf-8") as f:
@@ -357,6 +463,6 @@ def write_report(out_dir: str | os.PathLike, report: Mapping, roc_curves: Mappin
     if sample_grid is not None:
         plots.plot_samples(paths["samples"], sample_grid["queries"], sample_grid["generated"],
                            sample_grid["labels"], sample_grid["captions"])
-    _write_text_atomic(paths["md"], md)
-    _write_text_atomic(paths["json"], text)  # last: its presence means the report is complete
+    write_text_atomic(paths["md"], md)
+    write_text_atomic(paths["json"], text)  # last: its presence means the report is complete
     return paths

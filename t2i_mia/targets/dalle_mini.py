@@ -438,6 +438,19 @@ def build_dalle_models(cfg: Config, paths, dataset, manifest, cache, mesh: Mesh,
         s_comps = train_or_load_dalle(cfg, "shadow", im, cap, h, vqgan, tok, cache, mesh)
         shadow = DalleMiniTarget.from_components(s_comps, sample, seed=cfg.seed + 1, mesh=mesh,
                                                  name="shadow")
+    refs, ref_info = [], []
+    with timer.phase("reference"):
+        for r in range(cfg.adversary.n_reference):
+            name = f"reference_{r}"
+            ids, hashes = factory.model_members(manifest, name)
+            im, cap = dataset.get_many(ids)
+            comps_r = train_or_load_dalle(cfg, name, im, cap, factory.ids_hash(hashes), vqgan,
+                                          tok, cache, mesh)
+            refs.append(DalleMiniTarget.from_components(comps_r, sample, seed=cfg.seed + 2 + r,
+                                                        mesh=mesh, name=name))
+            ref_info.append(factory.model_info(manifest, name))
+    extra = dict(references=refs, null_info=factory.model_info(manifest, "shadow"),
+                 reference_info=ref_info)
     if cfg.adversary.aux_mode == "shadow":
-        return Models(target=target, attack_source=shadow, null=shadow, white_box=shadow)
-    return Models(target=target, attack_source=target, null=shadow, white_box=target)
+        return Models(target=target, attack_source=shadow, null=shadow, white_box=shadow, **extra)
+    return Models(target=target, attack_source=target, null=shadow, white_box=target, **extra)

@@ -146,17 +146,36 @@ def ldm_base(cfg: Config, dataset, manifest, cache: ModelCache, mesh: Mesh):
     return vae, tok
 
 
+def model_members(manifest, name: str) -> tuple[list[int], list[str]]:
+    """(ids, content hashes) a model of the audit trains on: ``target`` on target_members +
+    target_known_members (known members are members too), ``shadow`` on shadow_members,
+    ``reference_<r>`` on the manifest's r-th draw from auxiliary, as many as the target's."""
+    if name == "target":
+        return (manifest.target_training_ids(),
+                manifest.hashes("target_members") + manifest.hashes("target_known_members"))
+    if name == "shadow":
+        return manifest.ids("shadow_members"), manifest.hashes("shadow_members")
+    if name.startswith("reference_") and name[len("reference_"):].isdigit():
+        r, size = int(name[len("reference_"):]), len(manifest.target_training_ids())
+        return manifest.reference_ids(r, size), manifest.reference_hashes(r, size)
+    raise ValueError(f"unknown model '{name}' (target, shadow or reference_<r>)")
+
+
+def model_info(manifest, name: str) -> dict:
+    """What the report says of a model the audit trained: its name, training split, size
+    and the SHA-256 of its members' content hashes."""
+    ids, hashes = model_members(manifest, name)
+    split = {"target": "target_members+target_known_members",
+             "shadow": "shadow_members"}.get(name, "auxiliary")
+    return {"name": name, "split": split, "n_members": len(ids),
+            "members_sha256": ids_hash(hashes)}
+
+
 def ldm_for(cfg: Config, name: str, dataset, manifest, base, cache: ModelCache, mesh: Mesh):
     """The LDM called ``name`` trained on its members (cached): ``target`` on
     target_members + target_known_members (known members are members too), ``shadow`` on
     shadow_members. ``base`` is :func:`ldm_base`'s result."""
-    if name == "target":
-        ids = manifest.target_training_ids()
-        hashes = manifest.hashes("target_members") + manifest.hashes("target_known_members")
-    elif name == "shadow":
-        ids, hashes = manifest.ids("shadow_members"), manifest.hashes("shadow_members")
-    else:
-        raise ValueError(f"ldm_for: unknown model '{name}' (target or shadow)")
+    ids, hashes = model_members(manifest, name)
     images, captions = dataset.get_many(ids)
     vae, tok = base
     return train_or_load_ldm(cfg, name, images, captions, ids_hash(hashes), vae, tok, cache,

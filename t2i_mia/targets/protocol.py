@@ -49,3 +49,8 @@ class Models:
     attack_source: Any  # the model queried for attack-training data (shadow or target)
     null: Any  # the null_target control
     white_box: Any | None  # model queried for white-box training losses (or None)
+    # reference models of the calibrated attack (never trained on a queried image)
+    references: list = dataclasses.field(default_factory=list)
+    # the report's description of the null model and of each reference (model_info)
+    null_info: dict | None = None
+    reference_info: list = dataclasses.field(default_factory=list)

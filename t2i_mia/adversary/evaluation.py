@@ -1,0 +1,225 @@
+"""Fitting the attacks and evaluating them with their controls (host-side, on feature arrays).
+
+Inputs are the feature dicts of :mod:`t2i_mia.adversary.features` (name -> f32[N] or
+f32[N, D]) for three query sets: attack-training (with labels: the adversary's knowledge),
+evaluation (labels used only to score) and the null target's generations for the evaluation
+queries. Everything is fitted on attack-training data only and applied once.
+
+Per attack (pixel, semantic, faithfulness, combined) an MLP, and per scalar feature a
+threshold; every entry carries its metrics (``metrics.evaluate``: ROC figures, held-out
+operating points) and ``null_target`` (the same fitted attack on the null model's
+generations). Controls:
+
+* ``null_target``: the four attack MLPs on the null model; each gets a two-sided
+  Mann-Whitney p-value of AUC = 0.5, Holm-adjusted over the four; the alarm ("the pipeline
+  may leak") is raised when any adjusted p-value is below ``alpha``.
+* ``shuffled_labels``: the combined attack fitted to ``n_shuffles`` class-balanced label
+  shuffles; the mean AUC and a CI of that mean (``metrics.replicate_bootstrap``).
+
+The calibrated attack (beyond the paper) scores each query by how much closer the target's
+generations are to it than a reference model's that never saw it: ``calibrated.<feature> =
+feature(target) - mean_r feature(reference_r)``. This is offline LiRA (Carlini et al. 2022)
+with a global variance, the variant they recommend for few reference models: dividing by a
+global standard deviation does not change a threshold's ranking, so the score is the
+difference with the references' mean. Thresholds only (their sign fitted, as every other).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Callable, Sequence
+
+import numpy as np
+
+from t2i_mia.adversary import features as F
+from t2i_mia.adversary import metrics as M
+from t2i_mia.adversary.classifiers import MLPAttack, ThresholdAttack
+
+log = logging.getLogger(__name__)
+
+ATTACKS: tuple[str, ...] = tuple(F.ATTACKS)  # pixel, semantic, faithfulness, combined
+CALIBRATED = "calibrated"
+ALL_ATTACKS: tuple[str, ...] = ATTACKS + (CALIBRATED,)
+NULL_ALARM_ALPHA = 0.05
+
+
+@dataclasses.dataclass
+class FeatureSets:
+    """The features one audit evaluates.
+
+    train / train_labels: attack-training queries ({0,1}[N_train]); eval / eval_labels: the
+    evaluated queries on the target; null: the same evaluated queries on the null model.
+    """
+    train: dict
+    train_labels: np.ndarray
+    eval: dict
+    eval_labels: np.ndarray
+    null: dict
+
+
+def calibrate(target: dict, references: Sequence[dict]) -> dict:
+    """``calibrated.<name>`` = target feature - mean over references, for every scalar
+    feature (f64[N]); ``references`` are the same queries' features on reference models."""
+    if not references:
+        raise ValueError("calibrate: needs at least one reference model's features")
+    out = {}
+    for name in F.scalar_feature_names(target):
+        ref = np.mean([np.asarray(r[name], np.float64) for r in references], axis=0)
+        out[f"{CALIBRATED}.{name}"] = np.asarray(target[name], np.float64) - ref
+    return out
+
+
+def balanced_shuffle(labels: np.ndarray, rng: np.random.Generator
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """(rows int64[2m], shuffled labels int32[2m]) for one shuffled-labels fit: all rows of
+    the smaller class and as many drawn from the larger one (m = the smaller class's size),
+    their labels permuted.
+
+    Balance is what makes the control's null value 0.5: a label vector with as many ones as
+    zeros is as likely as its complement, and an MLP fitted to the complement (from the
+    mirrored initialisation) is the negated function, so the mean AUC over shuffles is 0.5
+    by symmetry whatever the features are. With unequal classes the fits learn the base
+    rate, and on informative features their AUC drifts from 0.5 with no label leak."""
+    pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+    m = min(len(pos), len(neg))
+    rows = np.concatenate([rng.choice(pos, m, replace=False), rng.choice(neg, m, replace=False)])
+    return rows, rng.permutation(np.asarray(labels, np.int32)[rows])
+
+
+class FittedMLP:
+    """An attack's MLP and the inputs it was fitted on (with or without vector features)."""
+
+    def __init__(self, clf: MLPAttack, attack: str, vectors: bool):
+        self.clf, self.attack, self.vectors = clf, attack, vectors
+
+    def matrix(self, features: dict) -> np.ndarray:
+        return F.feature_matrix(features, self.attack, vectors=self.vectors)
+
+    def score(self, features: dict) -> np.ndarray:
+        return self.clf.score(self.matrix(features))
+
+    def predict(self, features: dict) -> np.ndarray:
+        return self.clf.predict(self.matrix(features))
+
+
+def _mlp(cfg, seed: int) -> MLPAttack:
+    m = cfg.adversary.mlp
+    return MLPAttack(hidden=tuple(m.hidden), lr=m.learning_rate, weight_decay=m.weight_decay,
+                     batch_size=m.batch_size, max_epochs=m.max_epochs, patience=m.patience,
+                     val_fraction=m.val_fraction, seed=seed)
+
+
+def fit_mlp(cfg, features: dict, attack: str, y: np.ndarray, seed: int) -> FittedMLP:
+    """The attack's MLP fitted on attack-training ``features``/``y``. With
+    ``adversary.mlp.embeddings = "auto"`` and vector features present, it is fitted with and
+    without them (same validation split) and the lower best validation loss wins (ties:
+    without)."""
+    mode = cfg.adversary.mlp.embeddings
+    options = [mode == "always"] if mode != "auto" else [False, True]
+    if not F.has_vector_features(features, attack):
+        options = [False]
+    best = None
+    for vectors in options:
+        clf = _mlp(cfg, seed).fit(F.feature_matrix(features, attack, vectors=vectors), y)
+        val = clf.history_["val_loss"]
+        loss = float(val[clf.best_epoch_]) if len(val) else float("inf")
+        if best is None or loss < best[0]:
+            best = (loss, FittedMLP(clf, attack, vectors))
+    return best[1]
+
+
+# The fitting function of an attack's MLP: (cfg, features, attack, labels, seed) -> an object
+# with score(features) -> f[N] and predict(features) -> {0,1}[N]. A parameter so that the
+# controls can be shown to fire on a deliberately leaking pipeline (tests).
+FitFn = Callable[..., FittedMLP]
+
+
+def _entry(a, scores_of, preds_of, fs: FeatureSets, seed: int) -> dict:
+    """An attack entry: metrics on evaluation + null_target, given score/predict callables
+    over a feature dict."""
+    y = fs.eval_labels
+    m = M.evaluate(scores_of(fs.eval), preds_of(fs.eval), y, a.n_bootstrap, seed,
+                   train_scores=scores_of(fs.train), train_labels=fs.train_labels)
+    m["null_target"] = M.auc_block(scores_of(fs.null), y, a.n_bootstrap, seed)
+    return m
+
+
+def evaluate_attacks(cfg, fs: FeatureSets, seed: int, fit: FitFn = fit_mlp,
+                     calibrated: FeatureSets | None = None, progress=None
+                     ) -> tuple[dict, dict, dict]:
+    """Fits every attack on ``fs.train`` and evaluates it on ``fs.eval`` and ``fs.null``.
+
+    Args:
+      cfg: the Config (``adversary.*``: MLP settings, n_bootstrap, n_shuffles).
+      fs: the audit's features. seed: the attack seed (MLP inits, bootstrap, shuffles).
+      fit: the MLP fitting function (see ``FitFn``).
+      calibrated: the calibrated features of the same three query sets (:func:`calibrate`),
+        or None for no calibrated attack.
+    Returns:
+      (attacks, controls, roc_curves): ``attacks[<attack>] = {"mlp": entry, "threshold":
+      {<feature>: entry}}`` (``calibrated``: thresholds only), ``controls`` =
+      ``{null_target, shuffled_labels}``, ``roc_curves[<label>] = (fpr, tpr)``.
+    """
+    a = cfg.adversary
+    y = fs.eval_labels
+    attacks, curves = {}, {}
+    for attack in ATTACKS:
+        clf = fit(cfg, fs.train, attack, fs.train_labels, seed)
+        log.info("attack %s: MLP on %s", attack,
+                 "scalar features and embeddings" if getattr(clf, "vectors", False)
+                 else "scalar features")
+        block = {"mlp": _entry(a, clf.score, clf.predict, fs, seed), "threshold": {}}
+        fpr, tpr, _ = M.roc_curve(clf.score(fs.eval), y)
+        curves[f"{attack} (MLP)"] = (fpr, tpr)
+        for name in F.scalar_feature_names(fs.eval, None if attack == "combined" else attack):
+            th = ThresholdAttack().fit(fs.train[name], fs.train_labels)
+            block["threshold"][name] = _entry(a, lambda f, n=name, t=th: t.score(f[n]),
+                                              lambda f, n=name, t=th: t.predict(f[n]), fs, seed)
+        attacks[attack] = block
+        if progress is not None:
+            progress(attack)
+    if calibrated is not None:
+        block = {"threshold": {}}
+        for name in sorted(calibrated.eval):
+            th = ThresholdAttack().fit(calibrated.train[name], calibrated.train_labels)
+            block["threshold"][name] = _entry(a, lambda f, n=name, t=th: t.score(f[n]),
+                                              lambda f, n=name, t=th: t.predict(f[n]),
+                                              calibrated, seed)
+        attacks[CALIBRATED] = block
+        log.info("calibrated attack: %d scores", len(block["threshold"]))
+    return attacks, _controls(cfg, fs, attacks, seed, fit), curves
+
+
+def null_alarm(attacks: dict, alpha: float = NULL_ALARM_ALPHA) -> dict:
+    """Holm's correction over the four attack MLPs' null_target p-values:
+    ``{alpha, alarm, per_attack: {<attack>: {auc, auc_ci, p_value, p_holm}}}``."""
+    p = {name: attacks[name]["mlp"]["null_target"]["p_value"] for name in ATTACKS}
+    adj = M.holm_adjust(p)
+    per = {name: {**attacks[name]["mlp"]["null_target"], "p_holm": adj[name]}
+           for name in ATTACKS}
+    return {"alpha": alpha, "alarm": bool(min(adj.values()) < alpha), "per_attack": per}
+
+
+def _controls(cfg, fs: FeatureSets, attacks: dict, seed: int, fit: FitFn) -> dict:
+    a = cfg.adversary
+    y = fs.eval_labels
+    null = dict(attacks["combined"]["mlp"]["null_target"])
+    null.update(null_alarm(attacks))
+    # An MLP fitted to shuffled labels is a random function of informative features: one
+    # shuffle's AUC scatters away from 0.5 with no leak at all (its sign is arbitrary). The
+    # control is the procedure "fit on shuffled labels": the mean AUC over n_shuffles
+    # shuffles, with a CI of that mean (evaluation sampling and the spread between shuffles).
+    # A leak pushes every shuffle the same way and excludes 0.5.
+    shuf_scores = []
+    for r in range(a.n_shuffles):
+        rng = np.random.Generator(np.random.PCG64([seed, 7, r]))
+        rows, labels = balanced_shuffle(fs.train_labels, rng)
+        sub = {n: np.asarray(v)[rows] for n, v in fs.train.items()}
+        shuf_scores.append(fit(cfg, sub, "combined", labels, seed + r).score(fs.eval))
+    per = [M.roc_auc(sc, y) for sc in shuf_scores]
+    mean, ci = M.replicate_bootstrap(M.roc_auc, shuf_scores, y, a.n_bootstrap, seed)
+    log.info("shuffled_labels: AUC per shuffle %s", ", ".join(f"{v:.3f}" for v in per))
+    return {"null_target": null,
+            "shuffled_labels": {"auc": mean, "auc_ci": list(ci), "per_shuffle_auc": per,
+                                "n_shuffles": a.n_shuffles}}
