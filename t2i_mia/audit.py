@@ -17,7 +17,9 @@ Phases (each timed in ``report.timings_s``):
    evaluated ones) and ``shuffled_labels``.
 8. ``white_box``: the denoising-loss threshold, a labelled upper-bound reference outside the
    black-box threat model.
-9. ``report``: report.json, report.md, roc.png, samples.png, manifest.json.
+9. ``report``: report.json, report.md, roc.png, samples.png, manifest.json, and the
+   per-query scores.csv / null_scores.csv (``python -m t2i_mia.report`` recomputes the
+   report from them).
 
 Attack-training data (``adversary.aux_mode``): ``shadow`` (default: a shadow model of the same
 kind trained on ``shadow_members``, queried on shadow_members vs shadow_nonmembers: the
@@ -42,9 +44,9 @@ import numpy as np
 import t2i_mia
 from t2i_mia.adversary import features as F
 from t2i_mia.adversary import metrics as M
-from t2i_mia.adversary.classifiers import ThresholdAttack
 from t2i_mia.adversary.evaluation import (ATTACKS, FeatureSets, balanced_shuffle,  # noqa: F401
-                                          calibrate, evaluate_attacks, fit_mlp)
+                                          calibrate, evaluate_scores, fit_mlp, score_attacks,
+                                          white_box_entry)
 from t2i_mia.cli import RunPaths
 from t2i_mia.config import Config
 from t2i_mia.errors import ConfigError, DataError
@@ -183,6 +185,7 @@ def _build_generations_models(cfg, paths, dataset, manifest, cache, mesh, timer)
 
 def run_audit(cfg: Config, paths: RunPaths, progress: bool = True) -> dict:
     """Runs the whole audit and writes the report files; returns the report dict."""
+    from t2i_mia.report.scores import write_scores
     from t2i_mia.report.writer import SCHEMA_VERSION, format_table, write_report
 
     timer = Timer()
@@ -284,14 +287,14 @@ def run_audit(cfg: Config, paths: RunPaths, progress: bool = True) -> dict:
     seed = cfg.seed
     y = evalset.labels
     with timer.phase("attack"):
-        attacks_report, controls, roc_curves = evaluate_attacks(cfg, fs, seed,
-                                                                calibrated=calibrated)
+        scores = score_attacks(cfg, fs, seed, calibrated=calibrated)
+        attacks_report, controls, roc_curves = evaluate_scores(scores, a.n_bootstrap, seed)
     if calibrated is not None:
         attacks_report["calibrated"]["reference_models"] = models.reference_info
     if models.null_info is not None:
         controls["null_target"]["model"] = models.null_info
 
-    white_box = None
+    white_box, wb_scores = None, None
     if a.white_box and models.white_box is not None and hasattr(models.target,
                                                                 "white_box_loss"):
         with timer.phase("white_box"):
@@ -299,16 +302,17 @@ def run_audit(cfg: Config, paths: RunPaths, progress: bool = True) -> dict:
                                                       trainset.ids.tolist())
             l_eval = models.target.white_box_loss(evalset.images, evalset.captions,
                                                   evalset.ids.tolist())
-            th = ThresholdAttack().fit(-l_train, trainset.labels)
+            wb_train, wb_eval = -np.asarray(l_train, np.float64), -np.asarray(l_eval,
+                                                                               np.float64)
             white_box = {
                 "note": "outside the black-box threat model: uses the target's own training "
                         "loss on the query (white-box access; denoising loss for ldm, "
                         "image-token NLL for dalle-mini); an upper-bound reference only",
                 "feature": "white_box.training_loss (negated: higher = member)",
-                "threshold": M.evaluate(th.score(-l_eval), th.predict(-l_eval), y,
-                                        a.n_bootstrap, seed, train_scores=th.score(-l_train),
-                                        train_labels=trainset.labels),
+                "threshold": white_box_entry(wb_train, trainset.labels, wb_eval, y,
+                                             a.n_bootstrap, seed),
             }
+            wb_scores = (wb_train, wb_eval)
 
     timer.timings["total"] = time.perf_counter() - t_start
     report = {
@@ -338,6 +342,14 @@ def run_audit(cfg: Config, paths: RunPaths, progress: bool = True) -> dict:
                    "labels": y[pick], "captions": [eval_caps[i] for i in pick]}
     os.makedirs(paths.out, exist_ok=True)
     manifest.save(os.path.join(paths.out, "manifest.json"))
+    # scores.csv / null_scores.csv: every per-query score the numbers come from, enough for
+    # python -m t2i_mia.report to recompute them (written before report.json, which is last)
+    write_scores(paths.out, scores, trainset.ids, evalset.ids, {
+        **{key: report[key] for key in ("target", "data", "k", "caption_source", "aux_mode",
+                                        "manifest_sha256", "seeds")},
+        "n_bootstrap": a.n_bootstrap, "attack_seed": seed,
+        "reference_models": models.reference_info, "null_model": models.null_info,
+        "white_box_note": white_box["note"] if white_box else None}, white_box=wb_scores)
     write_report(paths.out, report, roc_curves, sample_grid)
     print(format_table(report))
     return report

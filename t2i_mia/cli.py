@@ -21,11 +21,14 @@ log = logging.getLogger("t2i_mia")
 
 SHARED_EPILOG = """\
 configuration:
-  --config takes a preset (ci: 64 members vs 128 non-members, the tests' audits, 28 min cold
-  measured on 2 CPU cores shared with a test worker, most of it training;
-  tiny: the embedded default, 500 vs 500, ~1.5 h cold on 2 CPU cores for the LDM, mostly
-  training; paper-ldm / paper-dalle: paper scale for accelerators) or a JSON file whose
-  keys override the preset named by its "preset" key. --set key=value (repeatable) overrides
+  --config takes a preset or a JSON file whose keys override the preset named by its
+  "preset" key. Presets: ci (64 members vs 128 non-members, the tests' audits): 25 min
+  cold, measured on 2 CPU cores (autoencoder 272 s, target 364, shadow 281, reference 278,
+  encoder 81, generation and features 126, attack 24, white box 97), a few minutes again
+  on the cached models; tiny (the embedded default, 500 vs 500): about 90 min cold on 2
+  CPU cores measured before the calibrated attack's reference model, which adds one more
+  LDM (about 30 min); paper-ldm / paper-dalle: paper scale for accelerators.
+  --set key=value (repeatable) overrides
   one value; values are JSON when they parse (3, 0.5, true, [32,64], null), else strings.
   Examples:
     --set adversary.k=8 --set ldm.train.steps=5000

@@ -36,7 +36,9 @@ def fixture_folders(kind: str) -> list[pathlib.Path]:
     """Every fixture folder of a kind under $T2I_MIA_FIXTURES (default: our copy).
 
     A folder's kind is read from its files: ``clip``/``dallebart``/``vqgan`` from
-    ``config.json`` (``model_type``, or vqgan's ``ch_mult``), ``ldm`` from ``unet/``+``vae/``.
+    ``config.json`` (``model_type``, or vqgan's ``ch_mult``); ``sd_pt`` (a diffusers PyTorch
+    layout Stable Diffusion pipeline) from ``model_index.json`` + ``*.safetensors`` weights;
+    ``ldm`` (our Flax-layout LDM fixtures) from ``unet/``+``vae/`` without those.
     """
     import json
     out = []
@@ -44,8 +46,10 @@ def fixture_folders(kind: str) -> list[pathlib.Path]:
     for d in sorted(p for p in root.rglob("*") if p.is_dir()) + [root]:
         if not (d / "io.npz").exists():
             continue
-        if kind == "ldm":
-            if (d / "unet" / "config.json").exists() and (d / "vae" / "config.json").exists():
+        sd_pt = (d / "model_index.json").exists() and any((d / "unet").glob("*.safetensors"))
+        if kind in ("ldm", "sd_pt"):
+            if (d / "unet" / "config.json").exists() and (d / "vae" / "config.json").exists() \
+                    and sd_pt == (kind == "sd_pt"):
                 out.append(d)
             continue
         cfg_path = d / "config.json"

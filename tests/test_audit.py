@@ -31,7 +31,8 @@ def base(ci_audit):
 
 def test_report_files_and_schema(base):
     report, out = base
-    for f in ("report.json", "report.md", "roc.png", "samples.png", "manifest.json"):
+    for f in ("report.json", "report.md", "roc.png", "samples.png", "manifest.json",
+              "scores.csv", "null_scores.csv"):
         assert os.path.isfile(os.path.join(out, f)), f
     with open(os.path.join(out, "report.json")) as fh:
         on_disk = json.load(fh)
@@ -78,6 +79,31 @@ def test_controls_contain_chance(base):
     assert not report["controls"]["null_target"]["alarm"], report["controls"]["null_target"]
 
 
+def test_report_from_scores_csv_alone_reproduces_the_audit(base, tmp_path):
+    """scores.csv + null_scores.csv -> python -m t2i_mia.report: the same attacks, controls
+    and white-box reference as the audit's report.json, exactly."""
+    import subprocess
+    import sys
+    _, out = base
+    r = subprocess.run([sys.executable, "-m", "t2i_mia.report",
+                        "--scores", os.path.join(out, "scores.csv"),
+                        "--null-scores", os.path.join(out, "null_scores.csv"),
+                        "--out", str(tmp_path / "from_scores")],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(os.path.join(out, "report.json")) as fh:
+        audit = json.load(fh)
+    with open(tmp_path / "from_scores" / "report.json") as fh:
+        again = json.load(fh)
+    for key in ("attacks", "controls", "white_box_reference", "n_eval", "manifest_sha256"):
+        assert again[key] == audit[key], key
+    with open(os.path.join(out, "scores.csv")) as fh:
+        assert fh.readline().startswith("# t2i-mia scores ")
+        cols = fh.readline().strip().split(",")
+    assert cols[:3] == ["id", "label", "set"] and "mlp.combined" in cols
+    assert "calibrated.pixel.mse.min" in cols and "white_box.neg_loss" in cols
+
+
 def test_documented_ci_table_comes_from_the_code(base):
     """README's ci table is generated (python -m t2i_mia.report.tables) from this audit's
     report: a fresh audit of the same seed must reproduce it. Tolerance 0.03 per number:
@@ -109,7 +135,8 @@ def test_other_k_and_captioner_run(base, audit_dirs):
     report, _ = _run(tmp, work, "k1_captioner", ["adversary.k=1",
                                                   "adversary.caption_source=captioner",
                                                   "adversary.white_box=false",
-                                                  "adversary.n_shuffles=2"])
+                                                  "adversary.n_shuffles=2",
+                                                  "adversary.n_reference=0"])
     assert report["k"] == 1 and report["caption_source"] == "captioner"
     validate_report(report)
 
@@ -124,7 +151,7 @@ def test_partial_knowledge_runs(base, audit_dirs):
         "adversary.aux_mode=partial", "data.splits.target_members=32",
         "data.splits.target_known_members=32", "data.splits.target_nonmembers=96",
         "data.splits.target_known_nonmembers=32", "ldm.train.steps=20",
-        "adversary.white_box=false", "adversary.n_shuffles=2"])
+        "adversary.white_box=false", "adversary.n_shuffles=2", "adversary.n_reference=0"])
     assert report["aux_mode"] == "partial"
     assert report["n_attack_train"] == {"members": 32, "nonmembers": 32}
     validate_report(report)
@@ -157,8 +184,8 @@ def test_generations_target_audit(base, audit_dirs, tmp_path):
         (gdir / str(i)).mkdir(parents=True)
         for j in range(2):
             save_png(gdir / str(i) / f"{j}.png", rng.integers(0, 255, (32, 32, 3), np.uint8))
-    rep, _ = _run(tmp, work, "gens", ["adversary.n_shuffles=2"], target_dir=str(gdir),
-                  target="generations")
+    rep, _ = _run(tmp, work, "gens", ["adversary.n_shuffles=2", "adversary.n_reference=0"],
+                  target_dir=str(gdir), target="generations")
     validate_report(rep)
     assert rep["attacks"]["pixel"]["threshold"]["pixel.mse.min"]["auc"] >= 0.99
     assert rep["attacks"]["pixel"]["mlp"]["auc"] >= 0.95

@@ -135,19 +135,99 @@ def fit_mlp(cfg, features: dict, attack: str, y: np.ndarray, seed: int) -> Fitte
 FitFn = Callable[..., FittedMLP]
 
 
-def _entry(a, scores_of, preds_of, fs: FeatureSets, seed: int) -> dict:
-    """An attack entry: metrics on evaluation + null_target, given score/predict callables
-    over a feature dict."""
-    y = fs.eval_labels
-    m = M.evaluate(scores_of(fs.eval), preds_of(fs.eval), y, a.n_bootstrap, seed,
-                   train_scores=scores_of(fs.train), train_labels=fs.train_labels)
-    m["null_target"] = M.auc_block(scores_of(fs.null), y, a.n_bootstrap, seed)
+@dataclasses.dataclass
+class AuditScores:
+    """Every per-query score an audit's numbers are computed from (what ``scores.csv`` and
+    ``null_scores.csv`` hold): given these, :func:`evaluate_scores` is deterministic.
+
+    train_labels {0,1}[Nt] (attack-training queries), eval_labels {0,1}[Ne];
+    ``mlp[<attack>]`` and ``features[<name>]`` = (train f[Nt], eval f[Ne], null f[Ne] or
+    None): the attack MLPs' logits and the scalar features (raw, and ``calibrated.*``) on
+    which the threshold attacks are fitted; ``shuffled``: the shuffled-labels fits' scores on
+    the evaluation queries (R arrays f[Ne]); ``null``: the reason when there are no
+    null-model scores, else None.
+    """
+    train_labels: np.ndarray
+    eval_labels: np.ndarray
+    mlp: dict
+    features: dict
+    shuffled: list
+    null_absent: str | None = None
+
+
+def score_attacks(cfg, fs: FeatureSets, seed: int, fit: FitFn = fit_mlp,
+                  calibrated: FeatureSets | None = None) -> AuditScores:
+    """Fits the attack MLPs (and the shuffled-labels fits) on ``fs.train`` and scores the
+    three query sets; collects the scalar features the threshold attacks use."""
+    mlp = {}
+    for attack in ATTACKS:
+        clf = fit(cfg, fs.train, attack, fs.train_labels, seed)
+        log.info("attack %s: MLP on %s", attack,
+                 "scalar features and embeddings" if getattr(clf, "vectors", False)
+                 else "scalar features")
+        mlp[attack] = (clf.score(fs.train), clf.score(fs.eval), clf.score(fs.null))
+    feats = {n: (fs.train[n], fs.eval[n], fs.null[n]) for n in F.scalar_feature_names(fs.eval)}
+    if calibrated is not None:
+        feats.update({n: (calibrated.train[n], calibrated.eval[n], calibrated.null[n])
+                      for n in sorted(calibrated.eval)})
+    # An MLP fitted to shuffled labels is a random function of informative features: one
+    # shuffle's AUC scatters away from 0.5 with no leak at all (its sign is arbitrary). The
+    # control is the procedure "fit on shuffled labels": the mean AUC over n_shuffles
+    # shuffles, with a CI of that mean (evaluation sampling and the spread between shuffles).
+    # A leak pushes every shuffle the same way and excludes 0.5.
+    shuffled = []
+    for r in range(cfg.adversary.n_shuffles):
+        rng = np.random.Generator(np.random.PCG64([seed, 7, r]))
+        rows, labels = balanced_shuffle(fs.train_labels, rng)
+        sub = {n: np.asarray(v)[rows] for n, v in fs.train.items()}
+        shuffled.append(fit(cfg, sub, "combined", labels, seed + r).score(fs.eval))
+    return AuditScores(train_labels=np.asarray(fs.train_labels),
+                       eval_labels=np.asarray(fs.eval_labels), mlp=mlp, features=feats,
+                       shuffled=shuffled)
+
+
+def _entry(scores: tuple, preds: tuple, sc: AuditScores, n_boot: int, seed: int) -> dict:
+    """An attack entry from its (train, eval, null) scores and eval decisions."""
+    s_tr, s_ev, s_null = scores
+    y = sc.eval_labels
+    m = M.evaluate(s_ev, preds, y, n_boot, seed, train_scores=s_tr,
+                   train_labels=sc.train_labels)
+    m["null_target"] = (M.auc_block(s_null, y, n_boot, seed) if s_null is not None else
+                        {"auc": None, "auc_ci": None, "p_value": None,
+                         "absent": sc.null_absent or "no null-model scores"})
     return m
 
 
+def evaluate_scores(sc: AuditScores, n_boot: int, seed: int) -> tuple[dict, dict, dict]:
+    """The report's ``attacks`` and ``controls`` (and ROC curves) from per-query scores:
+    MLP entries from their logits (decision: logit > 0), a threshold refitted on the
+    attack-training rows of each scalar feature. Same scores and seed, same numbers."""
+    attacks, curves = {}, {}
+    raw = {n: v for n, v in sc.features.items() if not n.startswith(CALIBRATED + ".")}
+    cal = {n: v for n, v in sc.features.items() if n.startswith(CALIBRATED + ".")}
+
+    def threshold_entry(trio):
+        th = ThresholdAttack().fit(trio[0], sc.train_labels)
+        scores = tuple(None if v is None else th.score(v) for v in trio)
+        return _entry(scores, th.predict(trio[1]), sc, n_boot, seed)
+
+    for attack in ATTACKS:
+        trio = sc.mlp[attack]
+        block = {"mlp": _entry(trio, (np.asarray(trio[1]) > 0).astype(np.int64), sc, n_boot,
+                               seed), "threshold": {}}
+        fpr, tpr, _ = M.roc_curve(trio[1], sc.eval_labels)
+        curves[f"{attack} (MLP)"] = (fpr, tpr)
+        eval_raw = {n: v[1] for n, v in raw.items()}
+        for name in F.scalar_feature_names(eval_raw, None if attack == "combined" else attack):
+            block["threshold"][name] = threshold_entry(raw[name])
+        attacks[attack] = block
+    if cal:
+        attacks[CALIBRATED] = {"threshold": {n: threshold_entry(cal[n]) for n in sorted(cal)}}
+    return attacks, _controls(sc, attacks, n_boot, seed), curves
+
+
 def evaluate_attacks(cfg, fs: FeatureSets, seed: int, fit: FitFn = fit_mlp,
-                     calibrated: FeatureSets | None = None, progress=None
-                     ) -> tuple[dict, dict, dict]:
+                     calibrated: FeatureSets | None = None) -> tuple[dict, dict, dict]:
     """Fits every attack on ``fs.train`` and evaluates it on ``fs.eval`` and ``fs.null``.
 
     Args:
@@ -161,34 +241,17 @@ def evaluate_attacks(cfg, fs: FeatureSets, seed: int, fit: FitFn = fit_mlp,
       {<feature>: entry}}`` (``calibrated``: thresholds only), ``controls`` =
       ``{null_target, shuffled_labels}``, ``roc_curves[<label>] = (fpr, tpr)``.
     """
-    a = cfg.adversary
-    y = fs.eval_labels
-    attacks, curves = {}, {}
-    for attack in ATTACKS:
-        clf = fit(cfg, fs.train, attack, fs.train_labels, seed)
-        log.info("attack %s: MLP on %s", attack,
-                 "scalar features and embeddings" if getattr(clf, "vectors", False)
-                 else "scalar features")
-        block = {"mlp": _entry(a, clf.score, clf.predict, fs, seed), "threshold": {}}
-        fpr, tpr, _ = M.roc_curve(clf.score(fs.eval), y)
-        curves[f"{attack} (MLP)"] = (fpr, tpr)
-        for name in F.scalar_feature_names(fs.eval, None if attack == "combined" else attack):
-            th = ThresholdAttack().fit(fs.train[name], fs.train_labels)
-            block["threshold"][name] = _entry(a, lambda f, n=name, t=th: t.score(f[n]),
-                                              lambda f, n=name, t=th: t.predict(f[n]), fs, seed)
-        attacks[attack] = block
-        if progress is not None:
-            progress(attack)
-    if calibrated is not None:
-        block = {"threshold": {}}
-        for name in sorted(calibrated.eval):
-            th = ThresholdAttack().fit(calibrated.train[name], calibrated.train_labels)
-            block["threshold"][name] = _entry(a, lambda f, n=name, t=th: t.score(f[n]),
-                                              lambda f, n=name, t=th: t.predict(f[n]),
-                                              calibrated, seed)
-        attacks[CALIBRATED] = block
-        log.info("calibrated attack: %d scores", len(block["threshold"]))
-    return attacks, _controls(cfg, fs, attacks, seed, fit), curves
+    sc = score_attacks(cfg, fs, seed, fit, calibrated)
+    return evaluate_scores(sc, cfg.adversary.n_bootstrap, seed)
+
+
+def white_box_entry(train_x, train_labels, eval_x, eval_labels, n_boot: int, seed: int) -> dict:
+    """The white-box reference: a threshold on ``-loss`` (higher = member) fitted on the
+    attack-training queries, evaluated once (no null block: it is not an attack of the
+    threat model)."""
+    th = ThresholdAttack().fit(train_x, train_labels)
+    return M.evaluate(th.score(eval_x), th.predict(eval_x), eval_labels, n_boot, seed,
+                      train_scores=th.score(train_x), train_labels=train_labels)
 
 
 def null_alarm(attacks: dict, alpha: float = NULL_ALARM_ALPHA) -> dict:
@@ -201,25 +264,22 @@ def null_alarm(attacks: dict, alpha: float = NULL_ALARM_ALPHA) -> dict:
     return {"alpha": alpha, "alarm": bool(min(adj.values()) < alpha), "per_attack": per}
 
 
-def _controls(cfg, fs: FeatureSets, attacks: dict, seed: int, fit: FitFn) -> dict:
-    a = cfg.adversary
-    y = fs.eval_labels
-    null = dict(attacks["combined"]["mlp"]["null_target"])
-    null.update(null_alarm(attacks))
-    # An MLP fitted to shuffled labels is a random function of informative features: one
-    # shuffle's AUC scatters away from 0.5 with no leak at all (its sign is arbitrary). The
-    # control is the procedure "fit on shuffled labels": the mean AUC over n_shuffles
-    # shuffles, with a CI of that mean (evaluation sampling and the spread between shuffles).
-    # A leak pushes every shuffle the same way and excludes 0.5.
-    shuf_scores = []
-    for r in range(a.n_shuffles):
-        rng = np.random.Generator(np.random.PCG64([seed, 7, r]))
-        rows, labels = balanced_shuffle(fs.train_labels, rng)
-        sub = {n: np.asarray(v)[rows] for n, v in fs.train.items()}
-        shuf_scores.append(fit(cfg, sub, "combined", labels, seed + r).score(fs.eval))
-    per = [M.roc_auc(sc, y) for sc in shuf_scores]
-    mean, ci = M.replicate_bootstrap(M.roc_auc, shuf_scores, y, a.n_bootstrap, seed)
-    log.info("shuffled_labels: AUC per shuffle %s", ", ".join(f"{v:.3f}" for v in per))
-    return {"null_target": null,
-            "shuffled_labels": {"auc": mean, "auc_ci": list(ci), "per_shuffle_auc": per,
-                                "n_shuffles": a.n_shuffles}}
+def _controls(sc: AuditScores, attacks: dict, n_boot: int, seed: int) -> dict:
+    y = sc.eval_labels
+    if sc.mlp["combined"][2] is None:
+        null = {"auc": None, "auc_ci": None, "p_value": None, "alpha": NULL_ALARM_ALPHA,
+                "alarm": None, "per_attack": {},
+                "absent": sc.null_absent or "no null-model scores"}
+    else:
+        null = dict(attacks["combined"]["mlp"]["null_target"])
+        null.update(null_alarm(attacks))
+    controls = {"null_target": null,
+                "shuffled_labels": {"auc": None, "auc_ci": None, "per_shuffle_auc": [],
+                                    "n_shuffles": 0, "absent": "no shuffled-labels scores"}}
+    if len(sc.shuffled) >= 2:
+        per = [M.roc_auc(s, y) for s in sc.shuffled]
+        mean, ci = M.replicate_bootstrap(M.roc_auc, sc.shuffled, y, n_boot, seed)
+        log.info("shuffled_labels: AUC per shuffle %s", ", ".join(f"{v:.3f}" for v in per))
+        controls["shuffled_labels"] = {"auc": mean, "auc_ci": list(ci), "per_shuffle_auc": per,
+                                       "n_shuffles": len(sc.shuffled)}
+    return controls

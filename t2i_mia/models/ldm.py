@@ -1,14 +1,18 @@
-"""Stable Diffusion folders: load and save the Flax layout diffusers uses.
+"""Stable Diffusion folders: load the Flax and the PyTorch (safetensors) layouts of
+diffusers, save the Flax one.
 
   <folder>/model_index.json
-  <folder>/unet/{config.json, diffusion_flax_model.msgpack}
-  <folder>/vae/{config.json, diffusion_flax_model.msgpack}
-  <folder>/text_encoder/{config.json, flax_model.msgpack}
-  <folder>/tokenizer/...
+  <folder>/unet/{config.json, diffusion_flax_model.msgpack | diffusion_pytorch_model.safetensors}
+  <folder>/vae/{config.json, diffusion_flax_model.msgpack | diffusion_pytorch_model.safetensors}
+  <folder>/text_encoder/{config.json, flax_model.msgpack | model.safetensors}
+  <folder>/tokenizer/...  (tokenizer.json, or CLIP's vocab.json + merges.txt)
   <folder>/scheduler/scheduler_config.json
 
-Public Stable Diffusion 1.x/2.x Flax folders load as they are; our own trained models are
-saved in the same layout. Every file is written atomically.
+The layout is detected from the files present (``.safetensors`` weights: PyTorch layout, read
+with the safetensors numpy API and mapped by :mod:`t2i_mia.models.torch_format`; fp16 /
+bf16 tensors and ``*.fp16.safetensors`` variants are upcast to float32). ``safety_checker/``
+and ``feature_extractor/`` are ignored. Public Stable Diffusion 1.x/2.x folders load as they
+are; our own trained models are saved in the Flax layout. Every file is written atomically.
 """
 
 from __future__ import annotations
@@ -70,6 +74,7 @@ def load_stable_diffusion(folder: str | os.PathLike) -> LDMComponents:
     from t2i_mia.models.tokenizer import TextTokenizer
 
     folder = os.fspath(folder)
+    _check_not_lora_or_single_file(folder)
     index_path = os.path.join(folder, MODEL_INDEX)
     index = formats.read_json(index_path)
     for name in COMPONENTS:
@@ -78,15 +83,63 @@ def load_stable_diffusion(folder: str | os.PathLike) -> LDMComponents:
                                   f"lists {list(COMPONENTS)})")
         if not os.path.isdir(os.path.join(folder, name)):
             raise CheckpointError(f"{os.path.join(folder, name)}: missing folder (listed in {index_path})")
-    vae_cfg, vae_params = load_vae(os.path.join(folder, "vae"))
-    unet_cfg, unet_params = load_unet(os.path.join(folder, "unet"))
-    text_cfg, text_params = load_clip_text(os.path.join(folder, "text_encoder"))
+    from t2i_mia.models.torch_format import is_torch_sd_folder
+    if is_torch_sd_folder(folder):
+        vae_cfg, vae_params, unet_cfg, unet_params, text_cfg, text_params = _load_torch(folder)
+    else:
+        vae_cfg, vae_params = load_vae(os.path.join(folder, "vae"))
+        unet_cfg, unet_params = load_unet(os.path.join(folder, "unet"))
+        text_cfg, text_params = load_clip_text(os.path.join(folder, "text_encoder"))
     tokenizer = TextTokenizer.from_folder(os.path.join(folder, "tokenizer"))
     scheduler_cfg = load_scheduler_config(os.path.join(folder, "scheduler", SCHEDULER_CONFIG))
     comps = LDMComponents(vae_cfg, vae_params, unet_cfg, unet_params, text_cfg, text_params,
                           tokenizer, scheduler_cfg)
     check_compatible(comps, folder)
     return comps
+
+
+def _check_not_lora_or_single_file(folder: str) -> None:
+    if os.path.isfile(folder) and folder.endswith((".safetensors", ".ckpt", ".pt", ".bin")):
+        raise CheckpointError(
+            f"{folder}: a single-file checkpoint; convert it to a diffusers folder first "
+            "(diffusers: StableDiffusionPipeline.from_single_file(path).save_pretrained(DIR))")
+    lora = [f for f in ("pytorch_lora_weights.safetensors", "adapter_model.safetensors")
+            if os.path.isfile(os.path.join(folder, f))]
+    if lora and not os.path.isdir(os.path.join(folder, "unet")):
+        raise CheckpointError(
+            f"{folder}: holds LoRA weights only ({lora[0]}); merge them into their base model "
+            "and save the whole pipeline (diffusers: pipe.load_lora_weights(DIR); "
+            "pipe.fuse_lora(); pipe.save_pretrained(OUT))")
+
+
+def _load_torch(folder: str):
+    """(vae_cfg, vae_params, unet_cfg, unet_params, text_cfg, text_params) of a PyTorch-layout
+    folder, every tensor mapped and shape-checked."""
+    import jax
+
+    from t2i_mia.models import autoencoder_kl, unet
+    from t2i_mia.models.clip import CLIPTextConfig, init_clip_text
+    from t2i_mia.models.torch_format import read_component, torch_to_flax
+
+    def component(name, config_cls, stem):
+        sub = os.path.join(folder, name)
+        cfg_path = os.path.join(sub, "config.json")
+        return sub, config_cls.from_dict(formats.read_json(cfg_path), cfg_path), \
+            read_component(sub, stem)
+
+    sub, vae_cfg, state = component("vae", AutoencoderKLConfig, "diffusion_pytorch_model")
+    vae_params = torch_to_flax(state, autoencoder_kl.param_shapes(vae_cfg), sub)
+    sub, unet_cfg, state = component("unet", UNet2DConditionConfig, "diffusion_pytorch_model")
+    # the torch U-Net's numerics (see UNet2DConditionConfig.transformer_norm_eps)
+    unet_cfg = dataclasses.replace(unet_cfg, transformer_norm_eps=1e-6, exact_gelu=True)
+    unet_params = torch_to_flax(state, unet.param_shapes(unet_cfg), sub)
+    sub, text_cfg, state = component("text_encoder", CLIPTextConfig, "model")
+    expected = jax.eval_shape(lambda: init_clip_text(text_cfg, jax.random.key(0)))["params"]
+    text_params = torch_to_flax(state, expected, sub, strip_prefix="text_model.",
+                                ignore=("position_ids",))
+    # as load_clip_text returns it: the variables CLIPTextModel.apply takes, on device
+    text_params = {"params": jax.tree.map(jax.numpy.asarray, text_params)}
+    return vae_cfg, vae_params, unet_cfg, unet_params, text_cfg, text_params
 
 
 def save_stable_diffusion(folder: str | os.PathLike, comps: LDMComponents) -> None:

@@ -126,6 +126,12 @@ class UNet2DConditionConfig:
     addition_time_embed_dim: int | None = None
     addition_embed_type_num_heads: int = 64
     projection_class_embeddings_input_dim: int | None = None
+    # Numerics that differ between diffusers' two U-Nets and are in no config.json: its Flax
+    # U-Net uses GroupNorm eps 1e-5 in the spatial transformers and the tanh GELU, its
+    # PyTorch U-Net eps 1e-6 and the exact (erf) GELU. The defaults are the Flax ones (Flax
+    # checkpoints, models trained here); the PyTorch-layout loader sets the torch ones.
+    transformer_norm_eps: float = 1e-5
+    exact_gelu: bool = False
 
     def __post_init__(self):
         for f in dataclasses.fields(self):  # lists (from JSON or callers) -> tuples: hashable
@@ -173,9 +179,14 @@ class UNet2DConditionConfig:
         return cls(**kw)
 
     def to_dict(self) -> dict:
-        """JSON-ready dict with the diffusers keys (lists for tuples)."""
-        return {k: list(v) if isinstance(v, tuple) else v
-                for k, v in dataclasses.asdict(self).items()}
+        """JSON-ready dict with the diffusers keys (lists for tuples); the two numerics
+        fields only when they differ from the Flax defaults."""
+        d = {k: list(v) if isinstance(v, tuple) else v
+             for k, v in dataclasses.asdict(self).items()}
+        for key, default in (("transformer_norm_eps", 1e-5), ("exact_gelu", False)):
+            if d[key] == default:
+                del d[key]
+        return d
 
 
 def _validate(d: dict, where: str) -> None:
@@ -211,6 +222,8 @@ def _validate(d: dict, where: str) -> None:
         "addition_time_embed_dim": lambda v: v is None or _is_pos_int(v),
         "addition_embed_type_num_heads": _is_pos_int,
         "projection_class_embeddings_input_dim": lambda v: v is None or _is_pos_int(v),
+        "transformer_norm_eps": (1e-5, 1e-6),
+        "exact_gelu": lambda v: isinstance(v, bool),
     }
     formats.check_config_keys(d, rules, where)
     heads = d["num_attention_heads"] if d["num_attention_heads"] is not None else d["attention_head_dim"]
@@ -290,22 +303,25 @@ class Attention(nn.Module):
 class GEGLU(nn.Module):
     dim: int
     dropout: float
+    exact_gelu: bool = False
 
     @nn.compact
     def __call__(self, x, deterministic: bool):
         h = nn.Dense(self.dim * 4 * 2, name="proj")(x)
         lin, gate = jnp.split(h, 2, axis=-1)
-        # flax's gelu is the tanh approximation, as diffusers' Flax U-Net uses it
-        return nn.Dropout(self.dropout)(lin * nn.gelu(gate), deterministic=deterministic)
+        # the tanh approximation (flax's default) as diffusers' Flax U-Net; erf as torch's
+        act = nn.gelu(gate, approximate=not self.exact_gelu)
+        return nn.Dropout(self.dropout)(lin * act, deterministic=deterministic)
 
 
 class FeedForward(nn.Module):
     dim: int
     dropout: float
+    exact_gelu: bool = False
 
     @nn.compact
     def __call__(self, x, deterministic: bool):
-        h = GEGLU(self.dim, self.dropout, name="net_0")(x, deterministic)
+        h = GEGLU(self.dim, self.dropout, self.exact_gelu, name="net_0")(x, deterministic)
         return nn.Dense(self.dim, name="net_2")(h)
 
 
@@ -316,6 +332,7 @@ class BasicTransformerBlock(nn.Module):
     heads: int
     dim_head: int
     dropout: float
+    exact_gelu: bool = False
 
     @nn.compact
     def __call__(self, x, context, deterministic: bool):
@@ -324,7 +341,8 @@ class BasicTransformerBlock(nn.Module):
         h = norm("norm1")(x)
         x = attn("attn1")(h, h, deterministic) + x
         x = attn("attn2")(norm("norm2")(x), context, deterministic) + x
-        x = FeedForward(self.dim, self.dropout, name="ff")(norm("norm3")(x), deterministic) + x
+        x = FeedForward(self.dim, self.dropout, self.exact_gelu, name="ff")(
+            norm("norm3")(x), deterministic) + x
         return nn.Dropout(self.dropout)(x, deterministic=deterministic)
 
 
@@ -336,6 +354,8 @@ class Transformer2D(nn.Module):
     depth: int
     use_linear_projection: bool
     dropout: float
+    norm_eps: float = 1e-5
+    exact_gelu: bool = False
 
     @nn.compact
     def __call__(self, x, context, deterministic: bool):
@@ -343,14 +363,15 @@ class Transformer2D(nn.Module):
         inner = self.channels  # heads * (channels // heads)
         proj = (lambda name: nn.Dense(inner, name=name)) if self.use_linear_projection else (
             lambda name: _conv1(inner, name))
-        h = nn.GroupNorm(num_groups=GROUPS, epsilon=1e-5, name="norm")(x)
+        h = nn.GroupNorm(num_groups=GROUPS, epsilon=self.norm_eps, name="norm")(x)
         if self.use_linear_projection:
             h = proj("proj_in")(h.reshape(b, hgt * wid, c))
         else:
             h = proj("proj_in")(h).reshape(b, hgt * wid, inner)
         for i in range(self.depth):
             h = BasicTransformerBlock(inner, self.heads, inner // self.heads, self.dropout,
-                                      name=f"transformer_blocks_{i}")(h, context, deterministic)
+                                      self.exact_gelu, name=f"transformer_blocks_{i}")(
+                                          h, context, deterministic)
         if self.use_linear_projection:
             h = proj("proj_out")(h).reshape(b, hgt, wid, c)
         else:
@@ -369,6 +390,8 @@ class DownBlock(nn.Module):
     use_linear_projection: bool
     add_downsample: bool
     dropout: float
+    norm_eps: float = 1e-5
+    exact_gelu: bool = False
 
     @nn.compact
     def __call__(self, x, temb, context, deterministic: bool):
@@ -377,7 +400,8 @@ class DownBlock(nn.Module):
             x = ResnetBlock(self.out_channels, self.dropout, name=f"resnets_{i}")(x, temb, deterministic)
             if self.cross_attn:
                 x = Transformer2D(self.out_channels, self.heads, self.depth, self.use_linear_projection,
-                                  self.dropout, name=f"attentions_{i}")(x, context, deterministic)
+                                  self.dropout, self.norm_eps, self.exact_gelu,
+                                  name=f"attentions_{i}")(x, context, deterministic)
             skips.append(x)
         if self.add_downsample:
             x = _Downsample(self.out_channels, name="downsamplers_0")(x)
@@ -414,6 +438,8 @@ class UpBlock(nn.Module):
     use_linear_projection: bool
     add_upsample: bool
     dropout: float
+    norm_eps: float = 1e-5
+    exact_gelu: bool = False
 
     @nn.compact
     def __call__(self, x, skips, temb, context, deterministic: bool):
@@ -423,7 +449,8 @@ class UpBlock(nn.Module):
             x = ResnetBlock(self.out_channels, self.dropout, name=f"resnets_{i}")(x, temb, deterministic)
             if self.cross_attn:
                 x = Transformer2D(self.out_channels, self.heads, self.depth, self.use_linear_projection,
-                                  self.dropout, name=f"attentions_{i}")(x, context, deterministic)
+                                  self.dropout, self.norm_eps, self.exact_gelu,
+                                  name=f"attentions_{i}")(x, context, deterministic)
         if self.add_upsample:
             x = _Upsample(self.out_channels, name="upsamplers_0")(x)
         return x
@@ -437,12 +464,15 @@ class MidBlock(nn.Module):
     depth: int
     use_linear_projection: bool
     dropout: float
+    norm_eps: float = 1e-5
+    exact_gelu: bool = False
 
     @nn.compact
     def __call__(self, x, temb, context, deterministic: bool):
         x = ResnetBlock(self.channels, self.dropout, name="resnets_0")(x, temb, deterministic)
         x = Transformer2D(self.channels, self.heads, self.depth, self.use_linear_projection,
-                          self.dropout, name="attentions_0")(x, context, deterministic)
+                          self.dropout, self.norm_eps, self.exact_gelu,
+                          name="attentions_0")(x, context, deterministic)
         return ResnetBlock(self.channels, self.dropout, name="resnets_1")(x, temb, deterministic)
 
 
@@ -480,10 +510,12 @@ class UNet2DConditionModel(nn.Module):
         for i, kind in enumerate(cfg.down_block_types):
             x, s = DownBlock(chans[i], cfg.layers_per_block, kind == "CrossAttnDownBlock2D", heads[i],
                              depths[i], cfg.use_linear_projection, add_downsample=i != n - 1,
-                             dropout=cfg.dropout, name=f"down_blocks_{i}")(
+                             dropout=cfg.dropout, norm_eps=cfg.transformer_norm_eps,
+                             exact_gelu=cfg.exact_gelu, name=f"down_blocks_{i}")(
                                  x, temb, encoder_hidden_states, det)
             skips += s
         x = MidBlock(chans[-1], heads[-1], depths[-1], cfg.use_linear_projection, cfg.dropout,
+                     cfg.transformer_norm_eps, cfg.exact_gelu,
                      name="mid_block")(x, temb, encoder_hidden_states, det)
         rev_chans, rev_heads, rev_depths = chans[::-1], heads[::-1], depths[::-1]
         per_block = cfg.layers_per_block + 1
@@ -491,7 +523,8 @@ class UNet2DConditionModel(nn.Module):
             s, skips = skips[-per_block:], skips[:-per_block]
             x = UpBlock(rev_chans[i], per_block, kind == "CrossAttnUpBlock2D", rev_heads[i],
                         rev_depths[i], cfg.use_linear_projection, add_upsample=i != n - 1,
-                        dropout=cfg.dropout, name=f"up_blocks_{i}")(
+                        dropout=cfg.dropout, norm_eps=cfg.transformer_norm_eps,
+                        exact_gelu=cfg.exact_gelu, name=f"up_blocks_{i}")(
                             x, s, temb, encoder_hidden_states, det)
         x = nn.GroupNorm(num_groups=GROUPS, epsilon=1e-5, name="conv_norm_out")(x)
         return _conv3(cfg.out_channels, "conv_out")(nn.silu(x))

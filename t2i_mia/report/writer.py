@@ -135,10 +135,21 @@ def _metrics(block, where: str, required=METRIC_KEYS, extra=()) -> None:
             _rate(v, w, nullable=key in _NULLABLE)
 
 
+def _absent(block, where: str) -> bool:
+    """A block reported as absent: ``absent`` names the reason, the values are null."""
+    if "absent" not in block:
+        return False
+    if not isinstance(block["absent"], str) or not block["absent"]:
+        raise DataError(f"report: '{where}.absent' must be the reason, a non-empty string")
+    return True
+
+
 def _entry(block, where: str) -> None:
     """An attack entry: the metrics and its null_target block."""
     _metrics(block, where, extra=("null_target",))
-    _metrics(_need(block, "null_target", where), f"{where}.null_target", required=_NULL_KEYS)
+    null = _need(block, "null_target", where)
+    if not _absent(null, f"{where}.null_target"):
+        _metrics(null, f"{where}.null_target", required=_NULL_KEYS)
 
 
 def _model(m, where: str) -> None:
@@ -225,24 +236,28 @@ def validate_report(report: Mapping) -> None:
 
     controls = _need(report, "controls", "")
     null = _need(controls, "null_target", "controls")
-    _metrics(null, "controls.null_target", required=_NULL_KEYS + ("alpha", "alarm",
-                                                                  "per_attack"),
-             extra=("alpha", "alarm", "per_attack", "model"))
-    if not isinstance(null["alarm"], bool):
-        raise DataError("report: 'controls.null_target.alarm' must be true or false")
-    for attack, m in _need(null, "per_attack", "controls.null_target").items():
-        _metrics(m, f"controls.null_target.per_attack.{attack}",
-                 required=_NULL_KEYS + ("p_holm",), extra=("p_holm",))
-    if "model" in null:
-        _model(null["model"], "controls.null_target.model")
+    if not _absent(null, "controls.null_target"):
+        _metrics(null, "controls.null_target", required=_NULL_KEYS + ("alpha", "alarm",
+                                                                      "per_attack"),
+                 extra=("alpha", "alarm", "per_attack", "model"))
+        if not isinstance(null["alarm"], bool):
+            raise DataError("report: 'controls.null_target.alarm' must be true or false")
+        for attack, m in _need(null, "per_attack", "controls.null_target").items():
+            _metrics(m, f"controls.null_target.per_attack.{attack}",
+                     required=_NULL_KEYS + ("p_holm",), extra=("p_holm",))
+        if "model" in null:
+            _model(null["model"], "controls.null_target.model")
     shuf = _need(controls, "shuffled_labels", "controls")
-    _metrics(shuf, "controls.shuffled_labels", required=("auc", "auc_ci", "per_shuffle_auc"),
-             extra=("per_shuffle_auc", "n_shuffles"))
-    per = shuf["per_shuffle_auc"]
-    if not isinstance(per, list) or len(per) < 2:
-        raise DataError("report: 'controls.shuffled_labels.per_shuffle_auc' must list >= 2 AUCs")
-    for i, v in enumerate(per):
-        _rate(v, f"controls.shuffled_labels.per_shuffle_auc[{i}]", nullable=False)
+    if not _absent(shuf, "controls.shuffled_labels"):
+        _metrics(shuf, "controls.shuffled_labels",
+                 required=("auc", "auc_ci", "per_shuffle_auc"),
+                 extra=("per_shuffle_auc", "n_shuffles"))
+        per = shuf["per_shuffle_auc"]
+        if not isinstance(per, list) or len(per) < 2:
+            raise DataError("report: 'controls.shuffled_labels.per_shuffle_auc' must list >= 2 "
+                            "AUCs")
+        for i, v in enumerate(per):
+            _rate(v, f"controls.shuffled_labels.per_shuffle_auc[{i}]", nullable=False)
     extra = set(controls) - set(CONTROL_NAMES)
     if extra:
         raise DataError(f"report: unknown key 'controls.{sorted(extra)[0]}'")
@@ -266,7 +281,7 @@ def _metric_cells(m: Mapping) -> list[str]:
             f"{_num(m['tpr_at_heldout_threshold_1e-2'])} / "
             f"{_num(m['realised_fpr_at_heldout_threshold_1e-2'])}")
     return [_with_ci(m["auc"], m["auc_ci"]),
-            "n/a" if null is None else _with_ci(null["auc"], null["auc_ci"]),
+            "n/a" if null is None or "absent" in null else _with_ci(null["auc"], null["auc_ci"]),
             _num(m["accuracy"]), _num(m["balanced_accuracy"]),
             _with_ci(m["tpr_at_fpr_1e-2"], m["tpr_at_fpr_1e-2_ci"]),
             _num(m["tpr_at_fpr_1e-3"]), held]
@@ -297,19 +312,26 @@ def _contains_half(ci) -> str:
 def _controls_table(report: Mapping) -> str:
     null = report["controls"]["null_target"]
     shuf = report["controls"]["shuffled_labels"]
-    rows = [["null_target (combined MLP)", _with_ci(null["auc"], null["auc_ci"]),
-             _contains_half(null["auc_ci"]),
-             f"alarm: {'YES' if null['alarm'] else 'no'} (Holm over the attack MLPs, "
-             f"alpha {null['alpha']})"],
-            ["shuffled_labels", _with_ci(shuf["auc"], shuf["auc_ci"]),
-             _contains_half(shuf["auc_ci"]),
-             f"mean of {len(shuf['per_shuffle_auc'])} shuffles (range "
-             f"{_num(min(shuf['per_shuffle_auc']))}-{_num(max(shuf['per_shuffle_auc']))})"]]
+    rows = []
+    if "absent" in null:
+        rows.append(["null_target", "absent", "", null["absent"]])
+    else:
+        rows.append(["null_target (combined MLP)", _with_ci(null["auc"], null["auc_ci"]),
+                     _contains_half(null["auc_ci"]),
+                     f"alarm: {'YES' if null['alarm'] else 'no'} (Holm over the attack MLPs, "
+                     f"alpha {null['alpha']})"])
+    if "absent" in shuf:
+        rows.append(["shuffled_labels", "absent", "", shuf["absent"]])
+    else:
+        per = shuf["per_shuffle_auc"]
+        rows.append(["shuffled_labels", _with_ci(shuf["auc"], shuf["auc_ci"]),
+                     _contains_half(shuf["auc_ci"]),
+                     f"mean of {len(per)} shuffles (range {_num(min(per))}-{_num(max(per))})"])
     return markdown_table(["control", "AUC [95% CI]", "CI contains 0.5", ""], rows)
 
 
 def _holm_table(report: Mapping) -> str:
-    per = report["controls"]["null_target"]["per_attack"]
+    per = report["controls"]["null_target"].get("per_attack", {})
     rows = [[a, _with_ci(per[a]["auc"], per[a]["auc_ci"]), f"{per[a]['p_value']:.3g}",
              f"{per[a]['p_holm']:.3g}"] for a in ATTACK_NAMES if a in per]
     return markdown_table(["attack MLP on the null target", "AUC [95% CI]", "p (AUC = 0.5)",
