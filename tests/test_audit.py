@@ -106,15 +106,19 @@ def test_report_from_scores_csv_alone_reproduces_the_audit(base, tmp_path):
 
 def test_documented_ci_table_comes_from_the_code(base):
     """README's ci table is generated (python -m t2i_mia.report.tables) from this audit's
-    report: a fresh audit of the same seed must reproduce it. Tolerance 0.03 per number:
-    training is a long chain of float operations, and another CPU's rounding may move the
-    last digits; a stale table (an earlier model or adversary) moves them further."""
+    report: a fresh audit of the same seed must reproduce it. On a CPU of the kind it was
+    generated on (recorded beside the table) the numbers agree exactly; the tolerance of
+    0.03 per number leaves room for nothing but rounding of the printed digits and small
+    float differences. On another kind of CPU, XLA's code (and so the rounding through 500
+    training steps) differs, and the tolerance is 0.08, still far below what a stale table
+    (an earlier model or adversary) moves."""
     import pathlib
     from t2i_mia.report import tables
     report, _ = base
     readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    same_cpu = tables.read_machine(readme, "ci-seed0") == tables.machine_tag()
     diffs = tables.check_block(tables.read_block(readme, "ci-seed0", "README.md"),
-                               tables.render(report), tol=0.03)
+                               tables.render(report), tol=0.03 if same_cpu else 0.08)
     assert not diffs, "README.md table ci-seed0 is stale; regenerate it with python -m " \
         "t2i_mia.report.tables README.md ci-seed0=<out>/report.json:\n" + "\n".join(diffs)
 

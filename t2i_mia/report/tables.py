@@ -119,6 +119,29 @@ def replace_block(text: str, name: str, body: str, where: str = "document") -> s
 _NUM = re.compile(r"-?\d+\.\d+")
 
 
+def machine_tag() -> str:
+    """The CPU a table was generated on, as far as XLA's CPU code generation cares: the model
+    name and whether AVX-512 is there (XLA targets the host's vector units, so another
+    instruction set can round differently)."""
+    model, avx512 = "unknown CPU", False
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name") and model == "unknown CPU":
+                    model = line.split(":", 1)[1].strip()
+                if line.startswith("flags"):
+                    avx512 = " avx512f" in line
+    except OSError:
+        pass
+    return f"{model}; avx512f={'yes' if avx512 else 'no'}"
+
+
+def read_machine(text: str, name: str) -> str | None:
+    """The machine tag recorded next to a block: ``<!-- t2i-mia:machine NAME TAG -->``."""
+    m = re.search(r"<!-- t2i-mia:machine " + re.escape(name) + r" (.*?) -->", text)
+    return m.group(1) if m else None
+
+
 def check_block(committed: str, fresh: str, tol: float) -> list[str]:
     """Differences between a committed block and a freshly rendered one: the text outside
     the numbers must be equal, and each number within ``tol`` (the numbers of a fresh run on
@@ -156,6 +179,11 @@ def main(argv=None) -> int:
             raise DataError(f"{spec!r}: expected NAME=PATH")
         with open(path, encoding="utf-8") as f:
             text = replace_block(text, name, render(json.load(f)), args.file)
+        # where it was generated (the test's tolerance depends on it)
+        tag = f"<!-- t2i-mia:machine {name} {machine_tag()} -->"
+        old = re.search(r"<!-- t2i-mia:machine " + re.escape(name) + r" .*? -->", text)
+        text = text.replace(old.group(0), tag) if old else text.replace(
+            _BEGIN.format(name), tag + "\n" + _BEGIN.format(name), 1)
     write_text_atomic(args.file, text)
     return 0
 
