@@ -35,7 +35,6 @@ import hashlib
 import logging
 import os
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -44,9 +43,8 @@ import numpy as np
 import t2i_mia
 from t2i_mia.adversary import features as F
 from t2i_mia.adversary import metrics as M
-from t2i_mia.adversary.evaluation import (ATTACKS, FeatureSets, balanced_shuffle,  # noqa: F401
-                                          calibrate, evaluate_scores, fit_mlp, score_attacks,
-                                          white_box_entry)
+from t2i_mia.adversary.evaluation import (FeatureSets, calibrate, evaluate_scores,
+                                          score_attacks, white_box_entry)
 from t2i_mia.cli import RunPaths
 from t2i_mia.config import Config
 from t2i_mia.errors import ConfigError, DataError

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from t2i_mia.adversary import metrics as M
-from t2i_mia.audit import fit_mlp
+from t2i_mia.adversary.evaluation import fit_mlp
 from t2i_mia.config import get_config, load_config
 from t2i_mia.errors import ConfigError
 
@@ -55,7 +55,7 @@ def test_balanced_shuffle_for_the_shuffled_labels_control():
     """Each shuffled-labels fit sees as many ones as zeros (the control's null value is 0.5
     only then): every row of the smaller class, as many distinct rows of the larger one,
     labels permuted; seeded."""
-    from t2i_mia.audit import balanced_shuffle
+    from t2i_mia.adversary.evaluation import balanced_shuffle
     y = np.r_[np.ones(64), np.zeros(128)].astype(np.int32)
     rows, labels = balanced_shuffle(y, np.random.default_rng(3))
     assert len(rows) == 128 and len(set(rows.tolist())) == 128

@@ -11,7 +11,7 @@ import pytest
 from t2i_mia.adversary import evaluation as E
 from t2i_mia.errors import DataError
 from t2i_mia.report.scores import read_scores, report_from_scores, write_scores
-from t2i_mia.report.writer import validate_report, write_report
+from t2i_mia.report.writer import validate_report
 from test_evaluation import _cfg, _sets
 
 META = {"target": "ldm", "data": "synthetic", "k": 2, "caption_source": "ground_truth",

@@ -5,7 +5,6 @@ folders we cannot read."""
 
 import functools
 import json
-import pathlib
 import shutil
 import struct
 
@@ -26,6 +25,13 @@ from t2i_mia.models.torch_format import read_safetensors
 SD_PT = fixture_folders("sd_pt")
 needs = pytest.mark.skipif(not SD_PT, reason="no sd_pt fixture folders")
 ids = lambda p: p.name
+
+
+def sd_pt_parity(test):
+    """A parity test run once per sd_pt fixture folder (id: the folder's name)."""
+    return pytest.mark.parity(needs(pytest.mark.parametrize("folder", SD_PT, ids=ids)(test)))
+
+
 nchw = lambda x: np.transpose(np.asarray(x), (0, 3, 1, 2))
 nhwc = lambda x: jnp.transpose(jnp.asarray(x), (0, 2, 3, 1))
 
@@ -35,9 +41,7 @@ def _load(folder: str):
     return load_stable_diffusion(folder)
 
 
-@pytest.mark.parity
-@needs
-@pytest.mark.parametrize("folder", SD_PT, ids=ids)
+@sd_pt_parity
 def test_sd_pt_tokenizer_ids(folder):
     io = np.load(folder / "io.npz")
     comps = _load(str(folder))
@@ -46,9 +50,7 @@ def test_sd_pt_tokenizer_ids(folder):
     np.testing.assert_array_equal(mask, io["attention_mask"])
 
 
-@pytest.mark.parity
-@needs
-@pytest.mark.parametrize("folder", SD_PT, ids=ids)
+@sd_pt_parity
 def test_sd_pt_text_encoder(folder):
     io = np.load(folder / "io.npz")
     comps = _load(str(folder))
@@ -58,9 +60,7 @@ def test_sd_pt_text_encoder(folder):
     assert_parity(pooled, io["text_pooled"], "text_pooled")
 
 
-@pytest.mark.parity
-@needs
-@pytest.mark.parametrize("folder", SD_PT, ids=ids)
+@sd_pt_parity
 def test_sd_pt_vae(folder):
     io = np.load(folder / "io.npz")
     comps = _load(str(folder))
@@ -75,9 +75,7 @@ def test_sd_pt_vae(folder):
     assert comps.vae_cfg.scaling_factor == pytest.approx(float(io["vae_scaling_factor"]))
 
 
-@pytest.mark.parity
-@needs
-@pytest.mark.parametrize("folder", SD_PT, ids=ids)
+@sd_pt_parity
 def test_sd_pt_unet(folder):
     io = np.load(folder / "io.npz")
     comps = _load(str(folder))
@@ -88,9 +86,7 @@ def test_sd_pt_unet(folder):
     assert_parity(nchw(out), io["unet_out"], "unet_out")
 
 
-@pytest.mark.parity
-@needs
-@pytest.mark.parametrize("folder", SD_PT, ids=ids)
+@sd_pt_parity
 def test_sd_pt_guided_ddim_pipeline(folder):
     """The whole pipeline from token ids: text encoder -> guided DDIM -> VAE decode."""
     io = np.load(folder / "io.npz")

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import re
 import sys
 from typing import Mapping
@@ -123,17 +125,14 @@ def machine_tag() -> str:
     """The CPU a table was generated on, as far as XLA's CPU code generation cares: the model
     name and whether AVX-512 is there (XLA targets the host's vector units, so another
     instruction set can round differently)."""
-    model, avx512 = "unknown CPU", False
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name") and model == "unknown CPU":
-                    model = line.split(":", 1)[1].strip()
-                if line.startswith("flags"):
-                    avx512 = " avx512f" in line
-    except OSError:
-        pass
-    return f"{model}; avx512f={'yes' if avx512 else 'no'}"
+    if not os.path.isfile("/proc/cpuinfo"):  # not Linux: the platform's processor string
+        return f"{platform.processor() or platform.machine()}; avx512f=unknown"
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")),
+                 platform.machine())
+    flags = next((ln for ln in lines if ln.startswith("flags")), "")
+    return f"{model}; avx512f={'yes' if ' avx512f' in flags else 'no'}"
 
 
 def read_machine(text: str, name: str) -> str | None:
