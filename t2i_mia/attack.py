@@ -44,7 +44,8 @@ examples:
 
 
 def main(argv=None) -> int:
-    parser = cli.make_parser("python -m t2i_mia.attack", DESCRIPTION, EPILOG)
+    parser = cli.make_parser("python -m t2i_mia.attack", DESCRIPTION, EPILOG,
+                             explicit_sets=True)
     parser.add_argument("--seeds", default=None, metavar="S,S,...",
                         help="run one independent audit per seed (its own splits, models, "
                              "shadow, references, attack fits) into OUT/seed_<s>/, then "

@@ -23,8 +23,16 @@ Phases (each timed in ``report.timings_s``):
 
 Attack-training data (``adversary.aux_mode``): ``shadow`` (default: a shadow model of the same
 kind trained on ``shadow_members``, queried on shadow_members vs shadow_nonmembers: the
-adversary needs no knowledge of the target's training set) or ``partial`` (the target's
-known members/non-members, queried on the target itself).
+adversary needs no knowledge of the target's training set), ``partial`` (the target's
+known members/non-members, queried on the target itself) or ``none`` (nothing fitted).
+
+Explicit sets (``data.sets``: ``--members``/``--nonmembers`` with ``--target-dir``): the
+sets are read and validated (:mod:`t2i_mia.data.member_sets`) at the checkpoint's image size
+before any model is loaded; the models are the user's (:mod:`t2i_mia.targets.external`):
+the target, a shadow (``--shadow-dir``) and a null target (``--null-target-dir``; without
+one the null_target control is absent with its reason). Nothing of the target's kind is
+trained, there are no reference models (no calibrated attack), and the adversary's encoder
+is ``adversary.encoder.dir`` or trained on ``--aux``.
 """
 
 from __future__ import annotations
@@ -43,8 +51,9 @@ import numpy as np
 import t2i_mia
 from t2i_mia.adversary import features as F
 from t2i_mia.adversary import metrics as M
-from t2i_mia.adversary.evaluation import (FeatureSets, calibrate, evaluate_scores,
-                                          score_attacks, white_box_entry)
+from t2i_mia.adversary.evaluation import (FeatureSets, blind_scores, calibrate,
+                                          evaluate_scores, query_features, score_attacks,
+                                          white_box_entry)
 from t2i_mia.cli import RunPaths
 from t2i_mia.config import Config
 from t2i_mia.errors import ConfigError, DataError
@@ -101,6 +110,36 @@ def build_dataset(cfg: Config, n_needed: int):
     """The configured data source as a Dataset."""
     from t2i_mia.data.sources import open_dataset
     return open_dataset(cfg, n_needed)
+
+
+def build_member_sets(cfg: Config, paths: RunPaths):
+    """Explicit sets: (dataset, manifest, MemberSets, image size), validated at the size of
+    the checkpoint in ``paths.target_dir`` (read from its config files only)."""
+    from t2i_mia.data.member_sets import explicit_manifest, read_member_sets
+    from t2i_mia.targets.external import checkpoint_image_size
+    if not paths.target_dir:
+        raise ConfigError("--members/--nonmembers audit a given model: give its checkpoint "
+                          "with --target-dir")
+    size = checkpoint_image_size(cfg.target, paths.target_dir)
+    ms = read_member_sets(dataclasses.asdict(cfg.data.sets), size)
+    manifest = explicit_manifest(ms, cfg.adversary.aux_mode, cfg.adversary.known_fraction,
+                                 cfg.seed, M.MIN_PER_CLASS)
+    return ms.dataset, manifest, ms, size
+
+
+def query_sets_info(ms, manifest) -> dict:
+    """The report's ``query_sets``: each given set's path and size and, for members and
+    non-members, the ids known to the adversary and the ids evaluated."""
+    out = {}
+    for role, s in ms.sets.items():
+        entry = {"path": s.path, "n": len(s)}
+        if role in ("members", "nonmembers"):
+            known = manifest.ids("target_known_" + role)
+            evaluated = manifest.ids("target_" + role)
+            entry.update(n_known=len(known), n_evaluated=len(evaluated), known_ids=known,
+                         evaluated_ids=evaluated)
+        out[role] = entry
+    return out
 
 
 def build_splits(cfg: Config, dataset):
@@ -179,6 +218,29 @@ def _build_generations_models(cfg, paths, dataset, manifest, cache, mesh, timer)
     return dataclasses.replace(m, target=target, attack_source=src, white_box=None)
 
 
+def _build_external_models(cfg: Config, paths: RunPaths, image_size: int, mesh,
+                           timer: Timer) -> Models:
+    """The user's models: target, shadow (aux_mode shadow) and null target, loaded."""
+    from t2i_mia.targets.external import load_model
+    kind = cfg.target
+    with timer.phase("target"):
+        target = load_model(kind, paths.target_dir, cfg, image_size, cfg.seed, mesh, "target")
+    shadow = null = None
+    if cfg.adversary.aux_mode == "shadow":
+        with timer.phase("shadow"):
+            shadow = load_model(kind, paths.shadow_dir, cfg, image_size, cfg.seed + 1, mesh,
+                                "shadow")
+    if paths.null_target_dir:
+        with timer.phase("null_model"):
+            null = load_model(kind, paths.null_target_dir, cfg, image_size, cfg.seed + 1,
+                              mesh, "null")
+    source = {"shadow": shadow, "partial": target}.get(cfg.adversary.aux_mode)
+    white_box = None
+    if hasattr(target, "white_box_loss"):
+        white_box = shadow if cfg.adversary.aux_mode == "shadow" else target
+    return Models(target=target, attack_source=source, null=null, white_box=white_box)
+
+
 # ----------------------------------------------------------------------------- the audit
 
 def run_audit(cfg: Config, paths: RunPaths, progress: bool = True) -> dict:
@@ -193,28 +255,39 @@ def run_audit(cfg: Config, paths: RunPaths, progress: bool = True) -> dict:
     cache = ModelCache(paths.work_dir)
     os.makedirs(paths.work_dir, exist_ok=True)
 
+    explicit = cfg.data.sets.explicit
+    member_sets = None
     with timer.phase("data"):
-        s = cfg.data.splits
-        n_needed = sum(dataclasses.asdict(s).values())
-        dataset = build_dataset(cfg, n_needed)
-        manifest = build_splits(cfg, dataset)
+        if explicit:  # validated before any model is loaded
+            dataset, manifest, member_sets, size = build_member_sets(cfg, paths)
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, image_size=size))
+        else:
+            s = cfg.data.splits
+            n_needed = sum(dataclasses.asdict(s).values())
+            dataset = build_dataset(cfg, n_needed)
+            manifest = build_splits(cfg, dataset)
         manifest_sha = manifest.sha256()
         evalset = QuerySet.of("eval", dataset, manifest.ids("target_members"),
                               manifest.ids("target_nonmembers"), cfg.seed)
+        trainset = None
         if a.aux_mode == "shadow":
             trainset = QuerySet.of("attack_train", dataset, manifest.ids("shadow_members"),
                                    manifest.ids("shadow_nonmembers"), cfg.seed)
-        else:
+        elif a.aux_mode == "partial":
             trainset = QuerySet.of("attack_train", dataset, manifest.ids("target_known_members"),
                                    manifest.ids("target_known_nonmembers"), cfg.seed)
         for qs in (evalset, trainset):
+            if qs is None:
+                continue
             n_pos = int(qs.labels.sum())
             if n_pos < M.MIN_PER_CLASS or len(qs.labels) - n_pos < M.MIN_PER_CLASS:
                 raise DataError(f"{qs.name} set: {n_pos} members and {len(qs.labels) - n_pos} "
                                 f"non-members; need at least {M.MIN_PER_CLASS} of each "
                                 "(data.splits)")
 
-    if cfg.target == "ldm":
+    if explicit:
+        models = _build_external_models(cfg, paths, cfg.data.image_size, mesh, timer)
+    elif cfg.target == "ldm":
         models = _build_ldm_models(cfg, paths, dataset, manifest, cache, mesh, timer)
     elif cfg.target == "generations":
         models = _build_generations_models(cfg, paths, dataset, manifest, cache, mesh, timer)
@@ -227,22 +300,30 @@ def run_audit(cfg: Config, paths: RunPaths, progress: bool = True) -> dict:
         from t2i_mia.targets.factory import ids_hash
         if a.encoder.dir:
             encoder = load_encoder(a.encoder.dir, mesh)
+            encoder_info = {"source": a.encoder.dir}
         else:
+            # the adversary's own data only: auxiliary is disjoint from every queried set
             aux_images, aux_captions = dataset.get_many(manifest.ids("auxiliary"))
-            encoder = train_or_load_encoder(a.encoder, aux_images, aux_captions,
-                                            ids_hash(manifest.hashes("auxiliary")), cfg.seed,
-                                            cache, mesh)
+            aux_sha = ids_hash(manifest.hashes("auxiliary"))
+            encoder = train_or_load_encoder(a.encoder, aux_images, aux_captions, aux_sha,
+                                            cfg.seed, cache, mesh)
+            encoder_info = {"source": "trained on auxiliary" + (" (--aux)" if explicit else ""),
+                            "n_members": len(aux_images), "members_sha256": aux_sha}
 
     with timer.phase("captions"):
+        train_caps = None
         if a.caption_source == "ground_truth":
-            eval_caps, train_caps = evalset.captions, trainset.captions
+            eval_caps = evalset.captions
+            train_caps = trainset.captions if trainset is not None else None
         else:
             from t2i_mia.adversary.captioner import RetrievalCaptioner
             pool = dataset.captions(manifest.ids("auxiliary"))
-            captioner = RetrievalCaptioner(encoder, pool,
-                                           exclude=evalset.captions + trainset.captions)
+            captioner = RetrievalCaptioner(
+                encoder, pool,
+                exclude=evalset.captions + (trainset.captions if trainset is not None else []))
             eval_caps = captioner.caption(evalset.images)
-            train_caps = captioner.caption(trainset.images)
+            if trainset is not None:
+                train_caps = captioner.caption(trainset.images)
 
     k = a.k
     expect = (k, cfg.data.image_size, cfg.data.image_size, 3)
@@ -256,15 +337,24 @@ def run_audit(cfg: Config, paths: RunPaths, progress: bool = True) -> dict:
 
     cs = cfg.adversary.pixel_coarse_side
     with timer.phase("generate"):
-        gen_train = generate(models.attack_source, train_caps, trainset, "attack-training")
+        gen_train = (generate(models.attack_source, train_caps, trainset, "attack-training")
+                     if trainset is not None else None)
         gen_eval = generate(models.target, eval_caps, evalset, "evaluation")
-        gen_null = generate(models.null, eval_caps, evalset, "null")
+        gen_null = (generate(models.null, eval_caps, evalset, "null")
+                    if models.null is not None else None)
     with timer.phase("features"):
-        fs = FeatureSets(train=attack_features(encoder, trainset, gen_train, train_caps, cs),
-                         train_labels=trainset.labels,
-                         eval=attack_features(encoder, evalset, gen_eval, eval_caps, cs),
-                         eval_labels=evalset.labels,
-                         null=attack_features(encoder, evalset, gen_null, eval_caps, cs))
+        f_train = (attack_features(encoder, trainset, gen_train, train_caps, cs)
+                   if trainset is not None else None)
+        f_eval = attack_features(encoder, evalset, gen_eval, eval_caps, cs)
+        fs = FeatureSets(train=f_train,
+                         train_labels=trainset.labels if trainset is not None else None,
+                         eval=f_eval, eval_labels=evalset.labels,
+                         null=(attack_features(encoder, evalset, gen_null, eval_caps, cs)
+                               if gen_null is not None else None))
+        # the blind baseline sees the query alone: its image embedding and its caption
+        blind_train = (query_features(f_train["semantic.emb_query"], trainset.captions)
+                       if trainset is not None else None)
+        blind_eval = query_features(f_eval["semantic.emb_query"], evalset.captions)
     calibrated = None
     if models.references:
         # each reference queried on both sets: the calibrated score of a query compares the
@@ -272,20 +362,28 @@ def run_audit(cfg: Config, paths: RunPaths, progress: bool = True) -> dict:
         with timer.phase("reference_queries"):
             ref_train, ref_eval = [], []
             for ref in models.references:
-                g = generate(ref, train_caps, trainset, f"{ref.name} attack-training")
-                ref_train.append(attack_features(encoder, trainset, g, train_caps, cs))
+                if trainset is not None:
+                    g = generate(ref, train_caps, trainset, f"{ref.name} attack-training")
+                    ref_train.append(attack_features(encoder, trainset, g, train_caps, cs))
                 g = generate(ref, eval_caps, evalset, f"{ref.name} evaluation")
                 ref_eval.append(attack_features(encoder, evalset, g, eval_caps, cs))
-            calibrated = FeatureSets(train=calibrate(fs.train, ref_train),
+            calibrated = FeatureSets(train=calibrate(fs.train, ref_train) if ref_train else None,
                                      train_labels=fs.train_labels,
                                      eval=calibrate(fs.eval, ref_eval),
                                      eval_labels=fs.eval_labels,
-                                     null=calibrate(fs.null, ref_eval))
+                                     null=calibrate(fs.null, ref_eval)
+                                     if fs.null is not None else None)
 
     seed = cfg.seed
     y = evalset.labels
     with timer.phase("attack"):
         scores = score_attacks(cfg, fs, seed, calibrated=calibrated)
+        if models.null is None:
+            scores.null_absent = (
+                "no null target given (--null-target-dir: a model of the target's kind that "
+                "never saw the members, e.g. the base model of a fine-tune)")
+        scores.blind = blind_scores(cfg, blind_train, fs.train_labels, blind_eval,
+                                    evalset.labels, seed)
         attacks_report, controls, roc_curves = evaluate_scores(scores, a.n_bootstrap, seed)
     if calibrated is not None:
         attacks_report["calibrated"]["reference_models"] = models.reference_info
@@ -296,18 +394,18 @@ def run_audit(cfg: Config, paths: RunPaths, progress: bool = True) -> dict:
     if a.white_box and models.white_box is not None and hasattr(models.target,
                                                                 "white_box_loss"):
         with timer.phase("white_box"):
-            l_train = models.white_box.white_box_loss(trainset.images, trainset.captions,
-                                                      trainset.ids.tolist())
-            l_eval = models.target.white_box_loss(evalset.images, evalset.captions,
-                                                  evalset.ids.tolist())
-            wb_train, wb_eval = -np.asarray(l_train, np.float64), -np.asarray(l_eval,
-                                                                               np.float64)
+            wb_train = np.zeros(0)
+            if trainset is not None:
+                wb_train = -np.asarray(models.white_box.white_box_loss(
+                    trainset.images, trainset.captions, trainset.ids.tolist()), np.float64)
+            wb_eval = -np.asarray(models.target.white_box_loss(
+                evalset.images, evalset.captions, evalset.ids.tolist()), np.float64)
             white_box = {
                 "note": "outside the black-box threat model: uses the target's own training "
                         "loss on the query (white-box access; denoising loss for ldm, "
                         "image-token NLL for dalle-mini); an upper-bound reference only",
                 "feature": "white_box.training_loss (negated: higher = member)",
-                "threshold": white_box_entry(wb_train, trainset.labels, wb_eval, y,
+                "threshold": white_box_entry(wb_train, scores.train_labels, wb_eval, y,
                                              a.n_bootstrap, seed),
             }
             wb_scores = (wb_train, wb_eval)
@@ -319,8 +417,9 @@ def run_audit(cfg: Config, paths: RunPaths, progress: bool = True) -> dict:
         "target": cfg.target if not paths.target_dir else f"{cfg.target}:{paths.target_dir}",
         "data": cfg.data.source,
         "n_eval": {"members": int(y.sum()), "nonmembers": int(len(y) - y.sum())},
-        "n_attack_train": {"members": int(trainset.labels.sum()),
-                           "nonmembers": int(len(trainset.labels) - trainset.labels.sum())},
+        "n_attack_train": {"members": int(scores.train_labels.sum()),
+                           "nonmembers": int(len(scores.train_labels)
+                                             - scores.train_labels.sum())},
         "k": k,
         "caption_source": a.caption_source,
         "aux_mode": a.aux_mode,
@@ -331,7 +430,16 @@ def run_audit(cfg: Config, paths: RunPaths, progress: bool = True) -> dict:
         "timings_s": {p: round(t, 3) for p, t in timer.timings.items()},
         "attacks": attacks_report,
         "controls": controls,
+        "models": {"target": paths.target_dir or "trained here",
+                   "attack_source": getattr(models.attack_source, "name", None),
+                   "null_target": (paths.null_target_dir if explicit else
+                                   getattr(models.null, "name", None)),
+                   "shadow": paths.shadow_dir if explicit else None,
+                   "encoder": encoder_info,
+                   "references": len(models.references)},
     }
+    if member_sets is not None:
+        report["query_sets"] = query_sets_info(member_sets, manifest)
     if white_box is not None:
         report["white_box_reference"] = white_box
     n_show = min(4, int(y.sum()), int(len(y) - y.sum()))
@@ -342,9 +450,11 @@ def run_audit(cfg: Config, paths: RunPaths, progress: bool = True) -> dict:
     manifest.save(os.path.join(paths.out, "manifest.json"))
     # scores.csv / null_scores.csv: every per-query score the numbers come from, enough for
     # python -m t2i_mia.report to recompute them (written before report.json, which is last)
-    write_scores(paths.out, scores, trainset.ids, evalset.ids, {
+    write_scores(paths.out, scores, trainset.ids if trainset is not None else [], evalset.ids, {
         **{key: report[key] for key in ("target", "data", "k", "caption_source", "aux_mode",
                                         "manifest_sha256", "seeds")},
+        "null_absent": scores.null_absent, "query_sets": report.get("query_sets"),
+        "models": report["models"],
         "n_bootstrap": a.n_bootstrap, "attack_seed": seed,
         "reference_models": models.reference_info, "null_model": models.null_info,
         "white_box_note": white_box["note"] if white_box else None}, white_box=wb_scores)

@@ -44,9 +44,14 @@ class RunPaths:
     out: str
     target_dir: str | None
     data_dir: str | None
+    shadow_dir: str | None = None  # explicit sets, aux_mode shadow: the user's shadow model
+    null_target_dir: str | None = None  # explicit sets: a model that never saw the members
 
 
-def make_parser(prog: str, description: str, epilog: str = "") -> argparse.ArgumentParser:
+def make_parser(prog: str, description: str, epilog: str = "",
+                explicit_sets: bool = False) -> argparse.ArgumentParser:
+    """The shared flags; ``explicit_sets`` adds --members, --nonmembers, --aux,
+    --null-target-dir and the shadow flags (the audit's)."""
     p = argparse.ArgumentParser(
         prog=prog, description=description, epilog=(epilog + "\n" + SHARED_EPILOG).strip(),
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -81,10 +86,33 @@ def make_parser(prog: str, description: str, epilog: str = "") -> argparse.Argum
     p.add_argument("--seed", type=int, default=None, help="root seed (default: config's, 0)")
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="KEY=VALUE", help="override one config value (repeatable)")
+    if explicit_sets:
+        _add_set_flags(p)
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan (sizes, mesh, steps, outputs) and exit")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
+
+
+def _add_set_flags(p: argparse.ArgumentParser) -> None:
+    sets = p.add_argument_group(
+        "explicit sets (audit a given checkpoint on the images it was and was not trained "
+        "on; each PATH a folder of images with .txt captions or a JSONL manifest)")
+    sets.add_argument("--members", default=None, metavar="PATH",
+                      help="images the model was trained on (with their captions)")
+    sets.add_argument("--nonmembers", default=None, metavar="PATH",
+                      help="images it was not trained on, from the same distribution")
+    sets.add_argument("--aux", default=None, metavar="PATH",
+                      help="the adversary's own images (disjoint from both): its encoder is "
+                           "trained on them unless adversary.encoder.dir is set")
+    sets.add_argument("--null-target-dir", default=None, metavar="PATH",
+                      help="a model of the target's kind that never saw the members (for a "
+                           "fine-tune: its base model); absent = no null_target control")
+    sets.add_argument("--shadow-dir", default=None, metavar="PATH",
+                      help="aux_mode shadow: the user's shadow model, with --shadow-members "
+                           "and --shadow-nonmembers")
+    sets.add_argument("--shadow-members", default=None, metavar="PATH")
+    sets.add_argument("--shadow-nonmembers", default=None, metavar="PATH")
 
 
 def parse_seeds(text: str | None, seed: int | None) -> list[int] | None:
@@ -130,7 +158,41 @@ def resolve(args: argparse.Namespace) -> tuple[Config, RunPaths]:
         overrides.insert(0, f"data.data_dir={json.dumps(args.data_dir)}")
     if args.seed is not None:
         overrides.insert(0, f"seed={args.seed}")
+    given = {role: getattr(args, role, None) for role in
+             ("members", "nonmembers", "aux", "shadow_members", "shadow_nonmembers")}
+    for role, path in given.items():
+        if path:
+            overrides.insert(0, f"data.sets.{role}={json.dumps(os.path.abspath(path))}")
+    if (given["members"] or given["nonmembers"]) and not _aux_mode_given(args):
+        # explicit sets: a shadow when one is given, else the known fraction of the sets
+        mode = "shadow" if getattr(args, "shadow_dir", None) else "partial"
+        overrides.insert(0, f"adversary.aux_mode={mode}")
     cfg = load_config(args.config or default_preset(args.data, args.target), overrides)
+    sets = cfg.data.sets
+    for flag, path in (("--shadow-dir", getattr(args, "shadow_dir", None)),
+                       ("--null-target-dir", getattr(args, "null_target_dir", None))):
+        if path and not sets.explicit:
+            raise ConfigError(f"{flag} goes with --members and --nonmembers (explicit sets)")
+        if path and not args.dry_run and not os.path.exists(path):
+            raise ConfigError(f"{flag} {path}: no such folder")
+    if sets.explicit:
+        if not args.target_dir:
+            raise ConfigError("--members/--nonmembers audit a given model: give its checkpoint "
+                              "with --target-dir")
+        if cfg.adversary.aux_mode == "shadow" and not getattr(args, "shadow_dir", None):
+            raise ConfigError("adversary.aux_mode=shadow with explicit sets needs --shadow-dir "
+                              "(the shadow model) with --shadow-members/--shadow-nonmembers")
+        if not cfg.adversary.encoder.dir and not sets.aux:
+            raise ConfigError("explicit sets need the adversary's encoder: set "
+                              "adversary.encoder.dir (a local HF CLIP folder) or give --aux "
+                              "PATH (the adversary's own images, to train one on); the "
+                              "synthetic default's components are never used on your data")
+        if cfg.adversary.caption_source == "captioner" and not sets.aux:
+            raise ConfigError("adversary.caption_source=captioner draws captions from --aux: "
+                              "give --aux PATH")
+        for role, path in given.items():
+            if path and not args.dry_run and not os.path.exists(path):
+                raise ConfigError(f"--{role.replace('_', '-')} {path}: no such file or folder")
     if args.target_dir is not None and not args.dry_run and not os.path.exists(args.target_dir):
         raise ConfigError(f"--target-dir {args.target_dir}: no such file or folder")
     if cfg.data.source == "folder" and not cfg.data.data_dir:
@@ -141,10 +203,31 @@ def resolve(args: argparse.Namespace) -> tuple[Config, RunPaths]:
                           "globs or {00000..00331} patterns, comma-separated)")
     if cfg.target == "generations" and not args.target_dir:
         raise ConfigError("--target generations needs --target-dir: a folder <id>/<j>.png")
+    shadow_dir, null_dir = getattr(args, "shadow_dir", None), getattr(args, "null_target_dir",
+                                                                       None)
     paths = RunPaths(work_dir=os.path.abspath(args.work_dir), out=os.path.abspath(args.out),
                      target_dir=args.target_dir and os.path.abspath(args.target_dir),
-                     data_dir=cfg.data.data_dir)
+                     data_dir=cfg.data.data_dir,
+                     shadow_dir=shadow_dir and os.path.abspath(shadow_dir),
+                     null_target_dir=null_dir and os.path.abspath(null_dir))
     return cfg, paths
+
+
+def _aux_mode_given(args) -> bool:
+    """Whether ``adversary.aux_mode`` was set by --set or by a --config JSON file."""
+    if any(o.split("=", 1)[0].strip() == "adversary.aux_mode" for o in args.overrides):
+        return True
+    spec = args.config
+    if spec and os.path.isfile(spec):
+        try:
+            with open(spec, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            return False  # load_config reports it
+        adv = data.get("adversary") if isinstance(data, dict) else None
+        return isinstance(data, dict) and ("adversary.aux_mode" in data or (
+            isinstance(adv, dict) and "aux_mode" in adv))
+    return False
 
 
 def plan(cfg: Config, paths: RunPaths, what: str) -> str:

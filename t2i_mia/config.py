@@ -28,7 +28,7 @@ from t2i_mia.errors import ConfigError
 TARGETS = ("ldm", "dalle-mini", "generations")
 DATA_SOURCES = ("synthetic", "folder", "coco", "cc3m")
 CAPTION_SOURCES = ("ground_truth", "captioner")
-AUX_MODES = ("shadow", "partial")
+AUX_MODES = ("shadow", "partial", "none")
 MLP_EMBEDDINGS = ("auto", "always", "never")
 
 
@@ -53,6 +53,22 @@ class SplitsConfig:
 
 
 @dataclass
+class MemberSetsConfig:
+    """Explicit sets (``--members`` etc.; :mod:`t2i_mia.data.member_sets`): each a folder of
+    images with ``.txt`` captions or a JSONL manifest. With ``members`` and ``nonmembers``
+    the audit evaluates these sets on a given checkpoint instead of drawing splits."""
+    members: str | None = None
+    nonmembers: str | None = None
+    shadow_members: str | None = None
+    shadow_nonmembers: str | None = None
+    aux: str | None = None
+
+    @property
+    def explicit(self) -> bool:
+        return bool(self.members or self.nonmembers)
+
+
+@dataclass
 class DataConfig:
     """``data_dir``: folder/manifest (folder), TFDS data dir (coco; None = TFDS's default),
     comma-separated ``.tar`` shard paths/globs/brace patterns (cc3m). ``tfds_name`` /
@@ -63,6 +79,7 @@ class DataConfig:
     tfds_name: str = "coco_captions"
     tfds_split: str = "train+restval+val+test"
     splits: SplitsConfig = field(default_factory=SplitsConfig)
+    sets: MemberSetsConfig = field(default_factory=MemberSetsConfig)
 
 
 @dataclass
@@ -160,7 +177,13 @@ class MLPConfig:
 class AdversaryConfig:
     caption_source: str = "ground_truth"
     k: int = 4
+    # attack-training data: shadow (a shadow model's members vs non-members), partial (a
+    # known fraction of the target's own sets), none (no attack training: each scalar
+    # feature is a score with the sign the intuitions fix)
     aux_mode: str = "shadow"
+    # partial mode with explicit sets: the stratified fraction of each set that is the
+    # adversary's labelled knowledge (the rest is evaluated)
+    known_fraction: float = 0.2
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     mlp: MLPConfig = field(default_factory=MLPConfig)
     n_bootstrap: int = 1000
@@ -619,7 +642,22 @@ def validate(cfg: Config) -> Config:
         _check(t.learning_rate > 0, f"{name}.learning_rate", "must be > 0")
         _check(0.0 <= t.ema_decay < 1.0, f"{name}.ema_decay", "must be in [0, 1)")
         _check(t.checkpoint_every >= 1, f"{name}.checkpoint_every", "must be >= 1")
-    if a.aux_mode == "partial":
+    _check(0.0 < a.known_fraction < 1.0, "adversary.known_fraction",
+           f"must be in (0, 1), got {a.known_fraction}")
+    sets = cfg.data.sets
+    if sets.explicit:
+        _check(bool(sets.members and sets.nonmembers), "data.sets",
+               "--members and --nonmembers go together (the sets under audit)")
+        _check(bool(sets.shadow_members) == bool(sets.shadow_nonmembers), "data.sets",
+               "--shadow-members and --shadow-nonmembers go together")
+        _check(a.aux_mode != "shadow" or bool(sets.shadow_members), "adversary.aux_mode",
+               "shadow with explicit sets needs --shadow-dir, --shadow-members and "
+               "--shadow-nonmembers (or use partial or none)")
+    else:
+        _check(not (sets.shadow_members or sets.shadow_nonmembers or sets.aux), "data.sets",
+               "--shadow-members, --shadow-nonmembers and --aux go with --members and "
+               "--nonmembers")
+    if a.aux_mode == "partial" and not sets.explicit:
         s = cfg.data.splits
         _check(s.target_known_members >= 2 and s.target_known_nonmembers >= 2,
                "data.splits.target_known_members",

@@ -44,6 +44,12 @@ ATTACKS: dict[str, list[str]] = {
     "combined": ["pixel.", "semantic.", "faithfulness."],
 }
 
+# The sign of each metric that makes "higher = member" (the paper's intuitions: a member's
+# generations are closer to it, more similar to it, more faithful to its caption); used
+# where nothing is fitted (adversary.aux_mode=none).
+MEMBER_SIGN: dict[str, float] = {"mse": -1.0, "l1": -1.0, "coarse_mse": -1.0, "l2": -1.0,
+                                 "ssim": 1.0, "cosine": 1.0, "clip": 1.0}
+
 SSIM_C1 = 0.01 ** 2  # (K1 * L)^2 with data range L = 1
 SSIM_C2 = 0.03 ** 2  # (K2 * L)^2
 _EPS = 1e-12  # guards the L2 normalisation of an all-zero embedding
@@ -251,6 +257,19 @@ def faithfulness_features(t_emb, g_emb) -> dict[str, jax.Array]:
 
 
 # ----------------------------------------------------------------------------- assembly
+
+def member_sign(name: str) -> float:
+    """+1 or -1: the sign that makes scalar feature ``name`` (``<attack>.<metric>.<agg>``,
+    optionally ``calibrated.``-prefixed) higher for members, from ``MEMBER_SIGN``."""
+    parts = name.split(".")
+    if parts[0] == "calibrated":
+        parts = parts[1:]
+    if len(parts) != 3 or parts[1] not in MEMBER_SIGN:
+        raise ConfigError(f"feature {name!r}: no member sign for metric "
+                          f"{parts[1] if len(parts) == 3 else name!r} (known: "
+                          f"{sorted(MEMBER_SIGN)})")
+    return MEMBER_SIGN[parts[1]]
+
 
 def _check_attack(attack: str) -> list[str]:
     if attack not in ATTACKS:

@@ -452,6 +452,8 @@ def evaluate(scores, preds, labels, n_boot: int = 1000, seed: int = 0, *,
       n_boot, seed: bootstrap resamples and seed (shared by both CIs: paired resamples).
       train_scores, train_labels: the same attack's scores on its attack-training data, for
         the held-out operating points (:func:`heldout_points`).
+      ``preds`` None (nothing fitted: no decision threshold) gives null accuracies;
+      ``train_scores`` None (no attack-training data) gives null held-out points.
     Returns: ``METRIC_KEYS`` -> values. ``tpr_at_fpr_*`` are read off the evaluation ROC
       (the threshold chosen with the evaluation labels: an oracle operating point, as in
       LiRA's tables); ``*_at_heldout_threshold_*`` use a threshold fixed on attack-training
@@ -464,13 +466,14 @@ def evaluate(scores, preds, labels, n_boot: int = 1000, seed: int = 0, *,
     return {
         "auc": roc_auc(scores, labels),
         "auc_ci": list(auc_ci) if auc_ci is not None else None,
-        "accuracy": accuracy(preds, labels),
-        "balanced_accuracy": balanced_accuracy(preds, labels),
+        "accuracy": accuracy(preds, labels) if preds is not None else None,
+        "balanced_accuracy": balanced_accuracy(preds, labels) if preds is not None else None,
         "tpr_at_fpr_1e-2": tpr2(scores, labels),
         "tpr_at_fpr_1e-2_ci": list(tpr2_ci) if tpr2_ci is not None else None,
         "tpr_at_fpr_1e-3": tpr_at_fpr(scores, labels, 1e-3),
         "min_resolvable_fpr": min_resolvable_fpr(labels),
-        **heldout_points(scores, labels, train_scores, train_labels),
+        **(heldout_points(scores, labels, train_scores, train_labels)
+           if train_scores is not None else dict.fromkeys(HELDOUT_KEYS)),
     }
 
 

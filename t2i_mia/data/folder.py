@@ -76,6 +76,10 @@ class _LazyImages:
         """The image file of record ``id``."""
         return self._entry(id).path
 
+    def where(self, id: int) -> str:
+        """Where record ``id`` is defined, for errors: ``FILE:LINE`` or the image path."""
+        return self._entry(id).source
+
     def caption(self, id: int) -> str:
         return self._entry(id).caption
 

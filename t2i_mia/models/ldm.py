@@ -74,7 +74,7 @@ def load_stable_diffusion(folder: str | os.PathLike) -> LDMComponents:
     from t2i_mia.models.tokenizer import TextTokenizer
 
     folder = os.fspath(folder)
-    _check_not_lora_or_single_file(folder)
+    check_not_lora_or_single_file(folder)
     index_path = os.path.join(folder, MODEL_INDEX)
     index = formats.read_json(index_path)
     for name in COMPONENTS:
@@ -98,7 +98,7 @@ def load_stable_diffusion(folder: str | os.PathLike) -> LDMComponents:
     return comps
 
 
-def _check_not_lora_or_single_file(folder: str) -> None:
+def check_not_lora_or_single_file(folder: str) -> None:
     if os.path.isfile(folder) and folder.endswith((".safetensors", ".ckpt", ".pt", ".bin")):
         raise CheckpointError(
             f"{folder}: a single-file checkpoint; convert it to a diffusers folder first "

@@ -8,8 +8,10 @@ Every audit writes, beside report.json, one row per query it scored:
 
 Columns: ``id``, ``label`` (1 = member), ``set``, every scalar feature (``pixel.mse.min``,
 ..., ``calibrated.pixel.mse.min``, ...), every attack MLP's logit (``mlp.<attack>``), the
-shuffled-labels fits' logits (``shuffled.<r>``, evaluated rows only) and, where the audit
-had white-box access, ``white_box.neg_loss``. Floats are written with ``repr`` (full
+shuffled-labels fits' logits (``shuffled.<r>``, evaluated rows only), the blind baseline's
+score (``blind``, evaluated rows only) and, where the audit had white-box access,
+``white_box.neg_loss``. With ``aux_mode`` none there are no attack-training rows and no
+``mlp.*`` or ``shuffled.*`` columns. Floats are written with ``repr`` (full
 precision), so the numbers read back are the numbers computed. The first line is a comment,
 ``# t2i-mia scores {json}``, with what the report needs besides the scores (target, data,
 k, seeds, bootstrap settings, the reference and null models); ``pandas.read_csv(path,
@@ -42,8 +44,10 @@ _SETS = ("attack_train", "eval", "null")
 
 
 def _columns(sc: AuditScores, white_box: tuple | None) -> list[str]:
-    cols = sorted(sc.features) + [f"mlp.{a}" for a in ATTACKS]
+    cols = sorted(sc.features) + ([f"mlp.{a}" for a in ATTACKS] if sc.fitted else [])
     cols += [f"shuffled.{r}" for r in range(len(sc.shuffled))]
+    if sc.blind is not None:
+        cols.append("blind")
     if white_box is not None:
         cols.append("white_box.neg_loss")
     return cols
@@ -80,6 +84,8 @@ def write_scores(out_dir: str, sc: AuditScores, train_ids: Sequence[int],
             v = sc.mlp[name[4:]][part]
         elif name.startswith("shuffled."):
             v = sc.shuffled[int(name.split(".")[1])] if part == 1 else None
+        elif name == "blind":
+            v = sc.blind if part == 1 else None
         elif name == "white_box.neg_loss":
             v = white_box[part] if part < 2 else None
         else:
@@ -105,8 +111,10 @@ def write_scores(out_dir: str, sc: AuditScores, train_ids: Sequence[int],
     body = rows(train_ids, sc.train_labels, "attack_train", 0) + rows(eval_ids, sc.eval_labels,
                                                                        "eval", 1)
     write_text_atomic(paths["scores"], _csv_text(meta, cols, body))
-    if sc.mlp[ATTACKS[0]][2] is not None:
-        null_cols = [c for c in cols if not c.startswith(("shuffled.", "white_box."))]
+    has_null = (sc.mlp[ATTACKS[0]][2] is not None if sc.fitted else
+                all(v[2] is not None for v in sc.features.values()))
+    if has_null:
+        null_cols = [c for c in cols if not c.startswith(("shuffled.", "white_box.", "blind"))]
         paths["null_scores"] = os.path.join(out_dir, "null_scores.csv")
         write_text_atomic(paths["null_scores"], _csv_text(
             meta, null_cols, rows(eval_ids, sc.eval_labels, "null", 2, null_cols)))
@@ -188,8 +196,11 @@ def read_scores(path: str, null_path: str | None = None) -> tuple[AuditScores, d
                             "order with the same labels")
         null = (n_header, n_table)
 
+    fitted = meta.get("aux_mode") != "none"
+
     def trio(col):
-        tr = _floats(path, table, header, col, sets["attack_train"])
+        tr = (_floats(path, table, header, col, sets["attack_train"]) if fitted
+              else np.zeros(0))
         ev = _floats(path, table, header, col, sets["eval"])
         if tr is None or ev is None:
             raise DataError(f"{path}: column {col} is empty for the "
@@ -202,18 +213,25 @@ def read_scores(path: str, null_path: str | None = None) -> tuple[AuditScores, d
         return tr, ev, nu
 
     missing = [f"mlp.{a}" for a in ATTACKS if f"mlp.{a}" not in header]
-    if missing:
+    if missing and fitted:
         raise DataError(f"{path}: column {missing[0]} is missing")
-    feats = [c for c in header[3:] if not c.startswith(("mlp.", "shuffled.", "white_box."))]
+    if not fitted and sets["attack_train"]:
+        raise DataError(f"{path}: aux_mode none has no attack_train rows (line "
+                        f"{sets['attack_train'][0] + 3})")
+    feats = [c for c in header[3:]
+             if not c.startswith(("mlp.", "shuffled.", "white_box.")) and c != "blind"]
     shuffled_cols = sorted((c for c in header if c.startswith("shuffled.")),
                            key=lambda c: int(c.split(".")[1]))
     sc = AuditScores(
         train_labels=labels["attack_train"], eval_labels=labels["eval"],
-        mlp={a: trio(f"mlp.{a}") for a in ATTACKS},
+        mlp={a: trio(f"mlp.{a}") for a in ATTACKS} if fitted else {},
         features={c: trio(c) for c in feats},
         shuffled=[_floats(path, table, header, c, sets["eval"]) for c in shuffled_cols],
-        null_absent=None if null is not None else "no null-model scores given "
-                                                  "(--null-scores)")
+        null_absent=meta.get("null_absent") if null is None and meta.get("null_absent") else
+        None if null is not None else "no null-model scores given (--null-scores)",
+        fitted=fitted,
+        blind=_floats(path, table, header, "blind", sets["eval"]) if "blind" in header
+        else None)
     if "white_box.neg_loss" in header:
         meta["_white_box"] = (_floats(path, table, header, "white_box.neg_loss",
                                       sets["attack_train"]),
@@ -246,6 +264,9 @@ def report_from_scores(sc: AuditScores, meta: Mapping) -> tuple[dict, dict]:
         "attacks": attacks,
         "controls": controls,
     }
+    for key in ("query_sets", "models"):
+        if meta.get(key):
+            report[key] = meta[key]
     wb = meta.get("_white_box")
     if wb is not None:
         report["white_box_reference"] = {

@@ -7,7 +7,12 @@ Schema 2 (documented for users in docs/report.md)::
     attacks: {<pixel|semantic|faithfulness|combined>: {mlp: ENTRY, threshold: {<feature>: ENTRY}},
               calibrated?: {threshold: {calibrated.<feature>: ENTRY}, reference_models: [MODEL]}},
     controls: {null_target: {auc, auc_ci, p_value, alpha, alarm, per_attack, model?},
-               shuffled_labels: {auc, auc_ci, per_shuffle_auc, n_shuffles}}
+               shuffled_labels: {auc, auc_ci, per_shuffle_auc, n_shuffles},
+               blind: {auc, auc_ci, p_value, alpha, alarm, verdict}}
+
+    With adversary.aux_mode=none: ``mlp`` is null with ``mlp_absent`` (the reason) beside
+    it, and the threshold entries' accuracies and held-out points are null (nothing fitted).
+    A control may be ``{..., absent: reason}`` with null values.
 
     ENTRY = {<METRIC_KEYS>, null_target: {auc, auc_ci, p_value}}
     MODEL = {name, split, n_members, members_sha256}
@@ -35,15 +40,16 @@ from t2i_mia.report import plots
 
 SCHEMA_VERSION = 2
 ATTACK_NAMES = ALL_ATTACKS  # pixel, semantic, faithfulness, combined, calibrated
-CONTROL_NAMES = ("null_target", "shuffled_labels")
+CONTROL_NAMES = ("null_target", "shuffled_labels", "blind")
 _FAMILIES = ("pixel", "semantic", "faithfulness")
 _FEATURE_RE = re.compile(r"^(pixel|semantic|faithfulness)\.[A-Za-z0-9_]+\.[A-Za-z0-9_]+$")
 _NULL_KEYS = ("auc", "auc_ci", "p_value")
 _MODEL_KEYS = ("name", "split", "n_members", "members_sha256")
 _KNOWN_KEYS = {"schema_version", "target", "data", "n_eval", "k", "caption_source", "aux_mode",
-               "seeds", "config", "manifest_sha256", "timings_s", "attacks", "controls"}
+               "seeds", "config", "manifest_sha256", "timings_s", "attacks", "controls",
+               "query_sets", "models"}
 # unmeasurable below 1/n_nonmembers (of the evaluation or of the attack-training set)
-_NULLABLE = {"tpr_at_fpr_1e-2", "tpr_at_fpr_1e-3"} | {
+_NULLABLE = {"tpr_at_fpr_1e-2", "tpr_at_fpr_1e-3", "accuracy", "balanced_accuracy"} | {
     k for k in METRIC_KEYS if "heldout" in k and not k.endswith("_ci")}
 
 
@@ -204,13 +210,19 @@ def validate_report(report: Mapping) -> None:
     for name, block in attacks.items():
         if name not in ATTACK_NAMES:
             raise DataError(f"report: unknown attack 'attacks.{name}' (expected {ATTACK_NAMES})")
-        allowed = {"threshold", "reference_models"} if name == CALIBRATED else {"mlp",
-                                                                                "threshold"}
+        allowed = {"threshold", "reference_models"} if name == CALIBRATED else {
+            "mlp", "mlp_absent", "threshold"}
         extra = set(block) - allowed
         if extra:
             raise DataError(f"report: unknown key 'attacks.{name}.{sorted(extra)[0]}'")
         if name != CALIBRATED:
-            _entry(_need(block, "mlp", f"attacks.{name}"), f"attacks.{name}.mlp")
+            mlp = _need(block, "mlp", f"attacks.{name}")
+            if mlp is None:
+                if not isinstance(block.get("mlp_absent"), str) or not block["mlp_absent"]:
+                    raise DataError(f"report: 'attacks.{name}.mlp' is null without its reason "
+                                    f"('attacks.{name}.mlp_absent')")
+            else:
+                _entry(mlp, f"attacks.{name}.mlp")
         else:
             refs = _need(block, "reference_models", f"attacks.{name}")
             if not isinstance(refs, list) or not refs:
@@ -239,7 +251,7 @@ def validate_report(report: Mapping) -> None:
     if not _absent(null, "controls.null_target"):
         _metrics(null, "controls.null_target", required=_NULL_KEYS + ("alpha", "alarm",
                                                                       "per_attack"),
-                 extra=("alpha", "alarm", "per_attack", "model"))
+                 extra=("alpha", "alarm", "per_attack", "model", "feature"))
         if not isinstance(null["alarm"], bool):
             raise DataError("report: 'controls.null_target.alarm' must be true or false")
         for attack, m in _need(null, "per_attack", "controls.null_target").items():
@@ -258,6 +270,12 @@ def validate_report(report: Mapping) -> None:
                             "AUCs")
         for i, v in enumerate(per):
             _rate(v, f"controls.shuffled_labels.per_shuffle_auc[{i}]", nullable=False)
+    blind = controls.get("blind")
+    if blind is not None and not _absent(blind, "controls.blind"):
+        _metrics(blind, "controls.blind", required=_NULL_KEYS + ("alpha", "alarm", "verdict"),
+                 extra=("alpha", "alarm", "verdict"))
+        if not isinstance(blind["alarm"], bool):
+            raise DataError("report: 'controls.blind.alarm' must be true or false")
     extra = set(controls) - set(CONTROL_NAMES)
     if extra:
         raise DataError(f"report: unknown key 'controls.{sorted(extra)[0]}'")
@@ -302,7 +320,7 @@ def _attack_order(attacks: Mapping) -> list[str]:
 
 
 def _mlp_attacks(attacks: Mapping) -> list[str]:
-    return [a for a in _attack_order(attacks) if "mlp" in attacks[a]]
+    return [a for a in _attack_order(attacks) if attacks[a].get("mlp")]
 
 
 def _contains_half(ci) -> str:
@@ -316,9 +334,11 @@ def _controls_table(report: Mapping) -> str:
     if "absent" in null:
         rows.append(["null_target", "absent", "", null["absent"]])
     else:
-        rows.append(["null_target (combined MLP)", _with_ci(null["auc"], null["auc_ci"]),
+        what = (f"feature {null['feature']}" if "feature" in null else "combined MLP")
+        over = "the features" if "feature" in null else "the attack MLPs"
+        rows.append([f"null_target ({what})", _with_ci(null["auc"], null["auc_ci"]),
                      _contains_half(null["auc_ci"]),
-                     f"alarm: {'YES' if null['alarm'] else 'no'} (Holm over the attack MLPs, "
+                     f"alarm: {'YES' if null['alarm'] else 'no'} (Holm over {over}, "
                      f"alpha {null['alpha']})"])
     if "absent" in shuf:
         rows.append(["shuffled_labels", "absent", "", shuf["absent"]])
@@ -327,24 +347,53 @@ def _controls_table(report: Mapping) -> str:
         rows.append(["shuffled_labels", _with_ci(shuf["auc"], shuf["auc_ci"]),
                      _contains_half(shuf["auc_ci"]),
                      f"mean of {len(per)} shuffles (range {_num(min(per))}-{_num(max(per))})"])
+    blind = report["controls"].get("blind")
+    if blind is not None:
+        if "absent" in blind:
+            rows.append(["blind (query only)", "absent", "", blind["absent"]])
+        else:
+            rows.append(["blind (query only)", _with_ci(blind["auc"], blind["auc_ci"]),
+                         _contains_half(blind["auc_ci"]),
+                         ("ALARM: " if blind["alarm"] else "") + blind["verdict"]])
     return markdown_table(["control", "AUC [95% CI]", "CI contains 0.5", ""], rows)
 
 
 def _holm_table(report: Mapping) -> str:
     per = report["controls"]["null_target"].get("per_attack", {})
     rows = [[a, _with_ci(per[a]["auc"], per[a]["auc_ci"]), f"{per[a]['p_value']:.3g}",
-             f"{per[a]['p_holm']:.3g}"] for a in ATTACK_NAMES if a in per]
-    return markdown_table(["attack MLP on the null target", "AUC [95% CI]", "p (AUC = 0.5)",
+             f"{per[a]['p_holm']:.3g}"] for a in sorted(per, key=_attack_rank)]
+    return markdown_table(["scored on the null target", "AUC [95% CI]", "p (AUC = 0.5)",
                    "p, Holm-adjusted"], rows)
+
+
+def _attack_rank(name: str) -> tuple:
+    return (ATTACK_NAMES.index(name), "") if name in ATTACK_NAMES else (len(ATTACK_NAMES), name)
+
+
+def _blind_warning(report: Mapping) -> list[str]:
+    blind = report["controls"].get("blind") or {}
+    if not blind.get("alarm"):
+        return []
+    return [f"**Warning: {blind['verdict']}** (blind AUC {_num(blind['auc'])}).", ""]
 
 
 def format_table(report: Mapping) -> str:
     """The headline table (attack-model rows, then the controls), as markdown text."""
-    rows = [[a] + _metric_cells(report["attacks"][a]["mlp"])
-            for a in _mlp_attacks(report["attacks"])]
     n = report["n_eval"]
-    return (f"Attack models (MLP), {n['members']} members vs {n['nonmembers']} non-members, "
-            f"k = {report['k']}:\n\n" + markdown_table(["attack"] + _HEADER, rows)
+    warning = "\n".join(_blind_warning(report))
+    mlps = _mlp_attacks(report["attacks"])
+    if mlps:
+        rows = [[a] + _metric_cells(report["attacks"][a]["mlp"]) for a in mlps]
+        head = (f"Attack models (MLP), {n['members']} members vs {n['nonmembers']} "
+                f"non-members, k = {report['k']}:\n\n")
+    else:  # nothing fitted: the single features
+        rows = [[f"{a} `{f}`"] + _metric_cells(report["attacks"][a]["threshold"][f])
+                for a in _attack_order(report["attacks"]) if a != "combined"
+                for f in sorted(report["attacks"][a]["threshold"])]
+        head = (f"Single features, unfitted (aux_mode none), {n['members']} members vs "
+                f"{n['nonmembers']} non-members, k = {report['k']}:\n\n")
+    return (warning + ("\n" if warning else "") + head
+            + markdown_table(["attack"] + _HEADER, rows)
             + "\n\nControls:\n\n" + _controls_table(report) + "\n")
 
 
@@ -391,13 +440,25 @@ def format_markdown(report: Mapping) -> str:
                     notes.append(f"{key}: {block['note']}")
     extra = [] if not extra_rows else [
         "## Other results", "", markdown_table(["result"] + _HEADER, extra_rows), "", *notes, ""]
-    any_mlp = report["attacks"][_mlp_attacks(report["attacks"])[0]]["mlp"]
-    floor = any_mlp["min_resolvable_fpr"]
+    mlps = _mlp_attacks(report["attacks"])
+    first = report["attacks"][_attack_order(report["attacks"])[0]]
+    floor = (first["mlp"] if mlps else next(iter(first["threshold"].values())))[
+        "min_resolvable_fpr"]
+    mlp_section = (markdown_table(["attack"] + _HEADER, mlp_rows) if mlps else
+                   "None: " + str(first.get("mlp_absent", "no attack models")) + ".")
+    sets = report.get("query_sets")
+    set_lines = [] if not sets else [
+        "## Query sets", "",
+        markdown_table(["set", "path", "entries", "known to the adversary", "evaluated"],
+                       [[r, f"`{v['path']}`", str(v["n"]), str(v.get("n_known", 0)),
+                         str(v.get("n_evaluated", "")) or "-"] for r, v in sets.items()]), ""]
     return "\n".join([
         f"# Membership inference audit: {report['target']} on {report['data']}", "",
         meta, "",
+        *_blind_warning(report),
+        *set_lines,
         "## Attack models (MLP)", "",
-        markdown_table(["attack"] + _HEADER, mlp_rows), "",
+        mlp_section, "",
         "## Threshold attacks (one feature each)", "",
         markdown_table(["attack", "feature"] + _HEADER, thr_rows), "",
         f"CIs: 95% stratified bootstrap over the evaluation set. n/a: not measurable; a TPR "

@@ -62,3 +62,26 @@ class GenerationsTarget:
             for j in range(k):
                 out[n, j] = self._load(self._path(i, j))
         return out
+
+
+def first_image_size(root: str) -> int:
+    """The side of the first image (sorted ``<id>/<j>.<ext>``) under ``root``: the size the
+    generations were made at. DataError when there is none or it is not square."""
+    if not os.path.isdir(root):
+        raise DataError(f"{root}: generations folder not found (expected <id>/<j>.png)")
+    for sub in sorted(os.listdir(root)):
+        base = os.path.join(root, sub)
+        if not (sub.isdigit() and os.path.isdir(base)):
+            continue
+        for f in sorted(os.listdir(base)):
+            if f.lower().endswith(_EXTS):
+                path = os.path.join(base, f)
+                try:
+                    with Image.open(path) as im:
+                        w, h = im.size
+                except (UnidentifiedImageError, OSError) as e:
+                    raise DataError(f"{path}: cannot decode image ({e})") from e
+                if w != h:
+                    raise DataError(f"{path}: generated image is {w}x{h}, expected a square")
+                return w
+    raise DataError(f"{root}: no generated images (expected <id>/<j>.png)")
