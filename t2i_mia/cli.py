@@ -240,13 +240,18 @@ def plan(cfg: Config, paths: RunPaths, what: str) -> str:
         f"t2i-mia plan: {what}",
         f"  preset        {cfg.preset}   seed {cfg.seed}   target {cfg.target}"
         + (f" (from {paths.target_dir})" if paths.target_dir else " (trained here)"),
+        "  data          explicit sets (below), at the checkpoint's image size"
+        if cfg.data.sets.explicit else
         f"  data          {_data_location(cfg)}, {cfg.data.image_size}x{cfg.data.image_size}",
-        "  splits        " + ", ".join(f"{f.name}={getattr(s, f.name)}"
-                                       for f in dataclasses.fields(s)),
+        "  splits        " + ("members / non-members as given" if cfg.data.sets.explicit else
+                              ", ".join(f"{f.name}={getattr(s, f.name)}"
+                                        for f in dataclasses.fields(s))),
         f"  mesh          data={data_ax} x model={cfg.mesh.model} over {n_dev} "
         f"{jax.default_backend()} device(s)",
     ]
-    if cfg.target == "ldm":
+    if cfg.data.sets.explicit:
+        lines.append("  models        given: nothing of the target's kind is trained")
+    elif cfg.target == "ldm":
         l = cfg.ldm
         lines += [
             f"  autoencoder   {l.vae_train.steps} steps x batch {l.vae_train.batch_size} "
@@ -265,13 +270,24 @@ def plan(cfg: Config, paths: RunPaths, what: str) -> str:
             f"{d.sample.condition_scale}, top-k {d.sample.top_k or 'off'}",
         ]
     a = cfg.adversary
+    sets = cfg.data.sets
+    if sets.explicit:
+        lines += [f"  query sets    {role} {getattr(sets, role)}" for role in
+                  ("members", "nonmembers", "shadow_members", "shadow_nonmembers", "aux")
+                  if getattr(sets, role)]
+        lines += [f"  known part    {a.known_fraction:.0%} of each set trains the attacks "
+                  f"(aux_mode partial)" if a.aux_mode == "partial" else
+                  f"  known part    none (aux_mode {a.aux_mode})",
+                  f"  null target   {paths.null_target_dir or 'none (the control is absent)'}"]
     lines += [
         f"  adversary     k={a.k}, captions={a.caption_source}, aux={a.aux_mode}, encoder="
         + (a.encoder.dir or f"CLIP trained {a.encoder.train.steps} steps on auxiliary"),
+        "  calibrated    off (explicit sets: no reference models)" if sets.explicit else
         f"  calibrated    {a.n_reference} reference model(s) trained on draws from auxiliary"
         if a.n_reference else "  calibrated    off (adversary.n_reference=0)",
-        f"  evaluation    {s.target_members} members vs {s.target_nonmembers} non-members; "
-        f"controls null_target (Holm alarm), shuffled_labels ({a.n_shuffles} shuffles); "
+        ("  evaluation    the given sets' evaluated part; " if sets.explicit else
+         f"  evaluation    {s.target_members} members vs {s.target_nonmembers} non-members; ")
+        + f"controls null_target (Holm alarm), shuffled_labels ({a.n_shuffles} shuffles); "
         f"{a.n_bootstrap} bootstrap resamples",
         f"  work dir      {paths.work_dir}",
         f"  outputs       {paths.out}/report.json, report.md, roc.png, samples.png, "

@@ -182,3 +182,54 @@ def test_calibration_removes_per_query_difficulty():
     lo, hi = calibrated["null_target"]["auc_ci"]
     assert lo <= 0.5 <= hi
     assert "mlp" not in attacks["calibrated"]
+
+
+def test_unfitted_mode_uses_the_intuitions_signs_and_holm_over_features():
+    """aux_mode none: no MLP, every feature scored with its fixed sign (distances negated),
+    the null alarm over every feature; a null model that memorised fires it."""
+    rng = np.random.default_rng(3)
+    y = _labels(N_EVAL)
+    fs = E.FeatureSets(train=None, train_labels=None, eval=_features(rng, y, 1.5),
+                       eval_labels=y, null=_features(rng, y, 0.0))
+    attacks, controls, _ = E.evaluate_attacks(_cfg(), fs, seed=0)
+    for a in E.ATTACKS:
+        assert attacks[a]["mlp"] is None and "aux_mode=none" in attacks[a]["mlp_absent"]
+    for name in ("pixel.mse.min", "pixel.ssim.max", "semantic.cosine.max"):
+        e = attacks["combined"]["threshold"][name]
+        assert e["auc"] > 0.8 and e["accuracy"] is None  # the sign is right without fitting
+        assert e["tpr_at_heldout_threshold_1e-2"] is None
+    assert set(controls["null_target"]["per_attack"]) == set(attacks["combined"]["threshold"])
+    assert controls["null_target"]["alarm"] is False
+    assert "absent" in controls["shuffled_labels"]
+    leaky = E.FeatureSets(train=None, train_labels=None, eval=fs.eval, eval_labels=y,
+                          null=_features(rng, y, 1.0))
+    _, controls, _ = E.evaluate_attacks(_cfg(), leaky, seed=0)
+    assert controls["null_target"]["alarm"] is True
+
+
+def test_member_sign_of_every_feature_and_unknown_metrics():
+    assert F.member_sign("pixel.mse.min") == -1 and F.member_sign("pixel.ssim.mean") == 1
+    assert F.member_sign("calibrated.semantic.l2.mean") == -1
+    assert F.member_sign("faithfulness.clip.max") == 1
+    with pytest.raises(Exception, match="no member sign"):
+        F.member_sign("pixel.lpips.min")
+
+
+@pytest.mark.parametrize("fitted", [True, False])
+def test_blind_baseline_reads_chance_on_one_distribution_and_fires_on_two(fitted):
+    rng = np.random.default_rng(4)
+    y_tr, y_ev = _labels(80), _labels(80)
+    caps = ["a red circle on a blue ground"] * 160
+
+    def x(labels, shift):
+        emb = rng.normal(size=(len(labels), 16)) + shift * labels[:, None]
+        return E.query_features(emb, caps[:len(labels)])
+
+    cfg = _cfg()
+    for shift, alarm in ((0.0, False), (1.0, True)):
+        tr = x(y_tr, shift) if fitted else None
+        s = E.blind_scores(cfg, tr, y_tr if fitted else None, x(y_ev, shift), y_ev, seed=0)
+        block = E.blind_block(s, y_ev, 200, 0)
+        assert block["alarm"] is alarm, (shift, block)
+        if not alarm:
+            assert block["auc_ci"][0] <= 0.5 <= block["auc_ci"][1]

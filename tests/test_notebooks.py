@@ -147,27 +147,32 @@ def test_quickstart_notebook(audit_dirs, ci_audit, tmp_path):
 @pytest.mark.slow
 @CI_MODELS
 def test_audit_your_checkpoint_notebook(audit_dirs, tmp_path):
-    """The demo data folder (the ci data set written as PNG + .txt) and a checkpoint trained
-    on its target members, audited through --target-dir and --data folder."""
+    """The walk-through with the new flags: demo member / non-member / aux manifests from the
+    ci data, a checkpoint trained with train --members on a base model, a null target, and
+    the partial-mode audit with --target-dir --members --nonmembers --aux --null-target-dir
+    (the ci models come from the shared work dir)."""
     tmp, work = audit_dirs
     out = tmp_path / "out"
-    _execute("02_audit_your_checkpoint.ipynb",
-             {"PRESET": "ci", "OVERRIDES": ["adversary.white_box=false"], "WORK_DIR": work,
-              "OUT_DIR": str(out), "DATA_DIR": None, "TARGET_DIR": None}, tmp_path)
-    data, ckpt = out / "demo_data", out / "checkpoint"
-    pngs = sorted(data.glob("*.png"))
-    assert len(pngs) >= 896 and all(p.with_suffix(".txt").is_file() for p in pngs)
-    assert (ckpt / "model_index.json").is_file() and (ckpt / "unet").is_dir()
+    nb = _execute("02_audit_your_checkpoint.ipynb",
+                  {"PRESET": "ci", "OVERRIDES": ["adversary.white_box=false"], "WORK_DIR": work,
+                   "OUT_DIR": str(out), "MEMBERS": None, "NONMEMBERS": None, "AUX": None,
+                   "TARGET_DIR": None, "NULL_TARGET_DIR": None, "AUX_MODE": "partial"},
+                  tmp_path)
+    ckpt = out / "checkpoint"
+    assert (ckpt / "model_index.json").is_file() and (ckpt / "members.json").is_file()
     report = _read_report(out / "report" / "report.json")
     assert report["target"] == f"ldm:{ckpt}"
-    assert report["data"] == "folder"
-    assert report["config"]["data"]["data_dir"] == str(data)
-    assert report["n_eval"] == {"members": 64, "nonmembers": 128}
-    # the checkpoint was trained on exactly the members the audit evaluates
-    from t2i_mia.data.splits import SplitManifest
-    assert SplitManifest.load(ckpt / "manifest.json").sha256() == report["manifest_sha256"]
-    for f in ("roc.png", "samples.png", "report.md"):
+    assert report["aux_mode"] == "partial"
+    qs = report["query_sets"]
+    assert qs["members"]["n"] == 64 and qs["nonmembers"]["n"] == 128
+    assert report["n_eval"] == {"members": qs["members"]["n_evaluated"],
+                                "nonmembers": qs["nonmembers"]["n_evaluated"]}
+    assert report["models"]["null_target"] == str(out / "null")
+    assert report["attacks"]["pixel"]["threshold"]["pixel.mse.min"]["auc"] > 0.5
+    assert "blind baseline" in "".join(o.get("text", "") for o in _outputs(nb))
+    for f in ("roc.png", "samples.png", "report.md", "scores.csv", "null_scores.csv"):
         assert (out / "report" / f).is_file(), f
+    assert _n_images(nb) >= 3
 
 
 @pytest.mark.slow

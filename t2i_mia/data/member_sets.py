@@ -124,18 +124,21 @@ class MemberSets:
         return {r: {"path": s.path, "n": len(s)} for r, s in self.sets.items()}
 
 
-def read_member_sets(paths: Mapping[str, str | None], image_size: int) -> MemberSets:
+def read_member_sets(paths: Mapping[str, str | None], image_size: int,
+                     required: Sequence[str] = ("members", "nonmembers"),
+                     flags: Mapping[str, str] | None = None) -> MemberSets:
     """Opens and validates the sets given in ``paths`` (role -> folder/manifest, None =
-    absent); ``members`` and ``nonmembers`` are required. Decodes every image (a corrupt
-    or missing one is an error naming it). DataError on an overlap or a duplicate id."""
+    absent); the ``required`` roles must be given. Decodes every image (a corrupt or
+    missing one is an error naming it). DataError on an overlap or a duplicate id; errors
+    name each set by its flag (``flags`` overrides ``FLAGS``)."""
+    FLAGS_ = {**FLAGS, **(flags or {})}
     unknown = sorted(set(paths) - set(ROLES))
     if unknown:
         raise ValueError(f"read_member_sets: unknown roles {unknown} (expected {ROLES})")
-    for role in ("members", "nonmembers"):
+    for role in required:
         if not paths.get(role):
-            raise DataError(f"{FLAGS[role]}: missing (explicit sets need --members and "
-                            f"--nonmembers, each a folder of images with .txt captions or a "
-                            f"JSONL manifest)")
+            raise DataError(f"{FLAGS_[role]}: missing (a folder of images with .txt captions "
+                            f"or a JSONL manifest)")
     sources, sets = {}, {}
     id_owner: dict[int, tuple[str, str]] = {}  # id -> (role, where)
     hash_owner: dict[str, tuple[str, str]] = {}  # content hash -> (role, where)
@@ -159,15 +162,15 @@ def read_member_sets(paths: Mapping[str, str | None], image_size: int) -> Member
             if id in id_owner:
                 other_role, other_where = id_owner[id]
                 raise DataError(
-                    f"{FLAGS[role]} {where} and {FLAGS[other_role]} {other_where}: both "
+                    f"{FLAGS_[role]} {where} and {FLAGS_[other_role]} {other_where}: both "
                     f"have id {id}; ids must be unique across the sets (give each "
                     f"manifest entry its own \"id\")")
             if h in hash_owner:
                 other_role, other_where = hash_owner[h]
                 what = ("holds the same image twice" if other_role == role
-                        else f"overlaps {FLAGS[other_role]}")
+                        else f"overlaps {FLAGS_[other_role]}")
                 raise DataError(
-                    f"{FLAGS[role]} {path} {what}: {where} (id {id}) and {other_where} "
+                    f"{FLAGS_[role]} {path} {what}: {where} (id {id}) and {other_where} "
                     f"have the same content (sha256 {h[:16]}...); the sets must be "
                     f"disjoint by content")
             id_owner[id] = (role, where)
