@@ -58,6 +58,7 @@ from t2i_mia.cli import RunPaths
 from t2i_mia.config import Config
 from t2i_mia.errors import ConfigError, DataError
 from t2i_mia.parallel.mesh import make_mesh
+from t2i_mia.targets.external import sampler_note
 from t2i_mia.targets.factory import ModelCache
 from t2i_mia.targets.protocol import Models
 
@@ -436,7 +437,8 @@ def run_audit(cfg: Config, paths: RunPaths, progress: bool = True) -> dict:
                                    getattr(models.null, "name", None)),
                    "shadow": paths.shadow_dir if explicit else None,
                    "encoder": encoder_info,
-                   "references": len(models.references)},
+                   "references": len(models.references),
+                   "sampler": sampler_note(cfg.target, paths.target_dir, cfg)},
     }
     if member_sets is not None:
         report["query_sets"] = query_sets_info(member_sets, manifest)

@@ -318,3 +318,73 @@ def test_bad_explicit_input_exits_2_and_writes_nothing(gen_sets, tmp_path, capsy
     import re
     assert re.search(expect, err), err
     assert not os.path.exists(out / "report.json") and not os.path.exists(out / "scores.csv")
+
+
+def test_pytorch_layout_sd_folder_audited_on_explicit_sets(gen_sets, tmp_path):
+    """A diffusers PyTorch-layout pipeline (the sd_pt fixture, 16 px) audited with explicit
+    sets: the sets are decoded at the checkpoint's size, the model is sampled with DDIM and
+    the report says so. (The fixture's weights are random: no AUC is asserted.)"""
+    from t2i_mia.report.writer import validate_report
+    g = gen_sets
+    folder = REFERENCE / "sd_pt_a"
+    im, cap = g["images"], g["captions"]
+    members = write_manifest(tmp_path / "m", im[:8], cap[:8], range(8))
+    nonmembers = write_manifest(tmp_path / "n", im[40:48], cap[40:48], range(100, 108))
+    out = tmp_path / "out"
+    code, _ = _audit(["--target", "ldm", "--target-dir", str(folder), "--members", members,
+                      "--nonmembers", nonmembers, "--config", "ci", "--work-dir",
+                      str(tmp_path / "work"), "--out", str(out), "--set",
+                      f"adversary.encoder.dir={g['encoder']}", "--set", "adversary.k=1",
+                      "--set", "adversary.aux_mode=none", "--set", "adversary.white_box=false",
+                      "--set", "adversary.n_bootstrap=50"])
+    assert code == 0
+    rep = _report(out)
+    validate_report(rep)
+    assert rep["target"] == f"ldm:{folder}" and rep["n_eval"] == {"members": 8, "nonmembers": 8}
+    assert rep["config"]["data"]["image_size"] == 16
+    assert "DDIM" in rep["models"]["sampler"] and "DDIMScheduler" in rep["models"]["sampler"]
+    with open(out / "scores.csv") as f:
+        assert len(f.read().splitlines()) == 2 + 16
+
+
+# ----------------------------------------------------------------------------- train --members
+
+def test_train_members_needs_exactly_one_source_of_public_parts(gen_sets, tmp_path, capsys):
+    from t2i_mia import train
+    g = gen_sets
+    base = ["--config", "ci", "--work-dir", str(tmp_path / "w"), "--out", str(tmp_path / "o"),
+            "--members", g["members"]]
+    assert cli.run_main(train.main, base) == 2
+    assert "exactly one of --base-dir DIR" in capsys.readouterr().err
+    assert cli.run_main(train.main, base + ["--base-dir", g["gens"], "--pretrain",
+                                            g["nonmembers"]]) == 2
+    assert "exactly one of" in capsys.readouterr().err
+    assert cli.run_main(train.main, ["--config", "ci", "--pretrain", g["nonmembers"]]) == 2
+    assert "go with --members" in capsys.readouterr().err
+    # a pretrain set that shares an image with the members is refused before training
+    im, cap = g["images"], g["captions"]
+    bad = write_manifest(tmp_path / "p", [im[0], im[60]], cap[:2], [500, 501])
+    assert cli.run_main(train.main, base + ["--pretrain", bad]) == 2
+    assert "--pretrain" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_train_members_on_pretrain_end_to_end(gen_sets, tmp_path):
+    """--members with --pretrain: the autoencoder and tokenizer trained on the pretrain set,
+    the LDM on the members (2 steps each: the path, not the quality), saved as a Stable
+    Diffusion folder that --target-dir loads, with members.json."""
+    from t2i_mia import train
+    from t2i_mia.models.ldm import load_stable_diffusion
+    g = gen_sets
+    out = tmp_path / "model"
+    steps = ["ldm.vae_train.steps=2", "ldm.train.steps=2", "ldm.vae_train.batch_size=8",
+             "ldm.train.batch_size=8", "ldm.vae_train.warmup_steps=1",
+             "ldm.train.warmup_steps=1"]
+    argv = ["--config", "ci", "--work-dir", str(tmp_path / "w"), "--out", str(out),
+            "--members", g["members"], "--pretrain", g["nonmembers"]]
+    assert cli.run_main(train.main, argv + sum((["--set", s] for s in steps), [])) == 0
+    comps = load_stable_diffusion(out)
+    assert comps.vae_cfg.sample_size == SIZE
+    with open(out / "members.json") as f:
+        listed = json.load(f)
+    assert listed["ids"] == g["m_ids"] and len(listed["sha256"]) == 40

@@ -87,3 +87,25 @@ def load_model(kind: str, folder: str, cfg: Config, image_size: int, seed: int, 
         raise DataError(f"{folder} ({name}): the model makes {model.image_size}px images but "
                         f"the audited target makes {image_size}px (give models of one size)")
     return model
+
+
+def sampler_note(kind: str, folder: str | None, cfg: Config) -> str | None:
+    """What the report says of how a model is sampled: an LDM always with DDIM (the
+    folder's scheduler config gives the noise schedule only, whatever its class)."""
+    if kind == "ldm":
+        s = cfg.ldm.sample
+        note = (f"DDIM, {s.num_inference_steps} steps, guidance {s.guidance_scale}, eta "
+                f"{s.eta}")
+        path = os.path.join(folder, "scheduler", "scheduler_config.json") if folder else None
+        if path and os.path.isfile(path):
+            cls = formats.read_json(path).get("_class_name", "unnamed")
+            note += (f"; the checkpoint's scheduler config ({cls}) gives the noise schedule"
+                     + (", its sampler is not used" if cls not in ("DDIMScheduler",
+                                                                   "FlaxDDIMScheduler")
+                        else ""))
+        return note
+    if kind == "dalle-mini":
+        s = cfg.dalle.sample
+        return (f"super-conditioned token sampling, condition scale {s.condition_scale}, "
+                f"top-k {s.top_k or 'off'}, top-p {s.top_p}, temperature {s.temperature}")
+    return None
