@@ -41,7 +41,7 @@ your own model:
   (--shadow-dir, aux_mode shadow) or not at all (--set adversary.aux_mode=none: each
   feature scored with the intuitions' sign). The encoder is adversary.encoder.dir or trained
   on --aux. No model of the target's kind is trained: a generations audit in none mode takes
-  seconds (80 queries, k = 2: about 15 s on 2 CPU cores with a given encoder).
+  seconds (80 + 80 queries, k = 2, a given encoder: 8 s wall on 2 CPU cores, cold).
 
 examples:
   python -m t2i_mia.attack                          # the embedded default audit (tiny)

@@ -416,7 +416,7 @@ def run_audit(cfg: Config, paths: RunPaths, progress: bool = True) -> dict:
         "schema_version": SCHEMA_VERSION,
         "tool": {"name": "t2i-mia", "version": t2i_mia.__version__},
         "target": cfg.target if not paths.target_dir else f"{cfg.target}:{paths.target_dir}",
-        "data": cfg.data.source,
+        "data": "member-sets" if explicit else cfg.data.source,
         "n_eval": {"members": int(y.sum()), "nonmembers": int(len(y) - y.sum())},
         "n_attack_train": {"members": int(scores.train_labels.sum()),
                            "nonmembers": int(len(scores.train_labels)

@@ -388,3 +388,53 @@ def test_build_dalle_models_trains_caches_and_loads(tmp_path):
     with pytest.raises(ConfigError, match="makes 16px images"):
         dm.build_dalle_models(cfg, dataclasses.replace(paths, target_dir=str(target_dir)),
                               dataset, manifest, cache, mesh, Timer())
+
+
+# --------------------------------------------------------------------------- your own model
+
+def test_dalle_folder_audited_on_explicit_sets_and_trained_on_members(model, data, tmp_path):
+    """A DALL-E mini folder as --target-dir with --members/--nonmembers (none mode, k = 1),
+    and train --members --base-dir on it (the VQGAN and tokenizer from the base): the image
+    size comes from the folder, the trained model loads and lists its members."""
+    import json
+    import shutil
+
+    from t2i_mia import attack, cli, train
+    from t2i_mia.models.tokenizer import TextTokenizer
+    from test_member_sets import write_manifest
+    _, images, captions = data
+    dm.save_dalle_mini(tmp_path / "m", model)
+    members = write_manifest(tmp_path / "sm", images[:8], captions[:8], range(8))
+    nonmembers = write_manifest(tmp_path / "sn", images[60:68], captions[60:68],
+                                range(60, 68))
+    enc = tmp_path / "enc"
+    enc.mkdir()
+    from conftest import REFERENCE
+    for f in ("config.json", "flax_model.msgpack"):
+        shutil.copy(REFERENCE / "clip" / f, enc / f)
+    TextTokenizer.train(captions, vocab_size=600, max_length=16).save(str(enc))
+    out = tmp_path / "out"
+    common = ["--config", "ci", "--work-dir", str(tmp_path / "w"),
+              "--set", f"dalle.bart={json.dumps(BART)}", "--set", "dalle.vocab_size=300",
+              "--set", f"dalle.vqgan={json.dumps(VQ)}"]
+    assert cli.run_main(attack.main, common + [
+        "--target", "dalle-mini", "--target-dir", str(tmp_path / "m"), "--members", members,
+        "--nonmembers", nonmembers, "--out", str(out), "--set", f"adversary.encoder.dir={enc}",
+        "--set", "adversary.k=1", "--set", "adversary.aux_mode=none",
+        "--set", "adversary.n_bootstrap=50"]) == 0
+    with open(out / "report.json") as f:
+        rep = json.load(f)
+    assert rep["config"]["data"]["image_size"] == SIZE
+    assert rep["n_eval"] == {"members": 8, "nonmembers": 8}
+    assert "super-conditioned" in rep["models"]["sampler"]
+    assert rep["white_box_reference"]["threshold"]["accuracy"] is None  # unfitted
+    steps = ["dalle.train.steps=2", "dalle.train.batch_size=8", "dalle.train.warmup_steps=1"]
+    trained = tmp_path / "trained"
+    assert cli.run_main(train.main, common + sum((["--set", s] for s in steps), []) + [
+        "--target", "dalle-mini", "--members", members, "--base-dir", str(tmp_path / "m"),
+        "--out", str(trained)]) == 0
+    got = dm.load_dalle_mini(trained)
+    np.testing.assert_array_equal(np.asarray(jax.tree.leaves(got.vqgan_params)[0]),
+                                  np.asarray(jax.tree.leaves(model.vqgan_params)[0]))
+    with open(trained / "members.json") as f:
+        assert json.load(f)["ids"] == list(range(8))

@@ -195,6 +195,7 @@ def test_generations_partial_mode_positive_control(gen_sets, tmp_path):
     assert code == 0
     rep = _report(out)
     assert rep["aux_mode"] == "partial"  # the default with explicit sets and no shadow
+    assert rep["data"] == "member-sets" and rep["target"] == f"generations:{g['gens']}"
     qs = rep["query_sets"]
     assert qs["members"]["n"] == 40 and qs["members"]["n_known"] == 8
     assert qs["members"]["n_evaluated"] == 32 and qs["nonmembers"]["n_evaluated"] == 32
@@ -279,6 +280,32 @@ def test_blind_baseline_fires_on_two_distributions(gen_sets, tmp_path):
     assert blind["alarm"] is True and blind["auc_ci"][0] > 0.5
     assert "differ in distribution" in blind["verdict"]
     assert "differ in distribution" in (out / "report.md").read_text()
+
+
+def test_generations_shadow_mode_with_the_users_shadow(gen_sets, tmp_path):
+    """aux_mode shadow with explicit sets: the attacks are fitted on the user's shadow model
+    (its own generations folder and member / non-member sets) and applied once to the
+    target's sets, all of which are evaluated."""
+    g = gen_sets
+    im, cap = _images(40, seed=13)
+    s_m, s_n = list(range(2000, 2020)), list(range(3000, 3020))
+    sm = write_manifest(tmp_path / "sm", im[:20], cap[:20], s_m)
+    sn = write_manifest(tmp_path / "sn", im[20:], cap[20:], s_n)
+    shadow = _gens(str(tmp_path / "shadow_gens"), s_m + s_n, im, s_m,
+                   np.random.default_rng(2))
+    out = tmp_path / "shadow"
+    code, _ = _audit(_argv(g, out, g["members"], g["nonmembers"],
+                           ["--shadow-dir", shadow, "--shadow-members", sm,
+                            "--shadow-nonmembers", sn]))
+    assert code == 0
+    rep = _report(out)
+    assert rep["aux_mode"] == "shadow"  # the default when a shadow is given
+    assert rep["n_attack_train"] == {"members": 20, "nonmembers": 20}
+    assert rep["n_eval"] == {"members": 40, "nonmembers": 40}
+    assert rep["models"]["shadow"] == shadow
+    assert rep["query_sets"]["shadow_members"]["n"] == 20
+    assert rep["attacks"]["pixel"]["threshold"]["pixel.mse.min"]["auc"] >= 0.99
+    assert rep["attacks"]["pixel"]["mlp"]["auc"] >= 0.95
 
 
 @pytest.mark.parametrize("case", ["no_nonmembers", "overlap", "no_encoder", "no_target_dir",
