@@ -4,7 +4,8 @@ The output folder is exactly what ``--target generations`` audits, so images mad
 by any other tool in the same layout) can be audited later. Captions come from
 ``--captions FILE`` (JSONL lines ``{"id": int, "caption": str}``) or, by default, from the
 evaluation split (target_members + target_nonmembers) of the configured data. The target is
-``--target-dir`` (a Stable Diffusion Flax folder) or the model ``python -m t2i_mia.train``
+``--target-dir`` (``--target ldm``: a Stable Diffusion folder, Flax or PyTorch layout;
+``--target dalle-mini``: a DALL-E mini folder) or the model ``python -m t2i_mia.train``
 would train (reused from --work-dir).
 """
 
@@ -59,20 +60,28 @@ def main(argv=None) -> int:
     if args.dry_run:
         print(cli.plan(cfg, paths, f"generate {k} images per caption into {paths.out}"))
         return 0
-    if cfg.target != "ldm":
-        raise ConfigError(f"python -m t2i_mia.generate --target {cfg.target}: only ldm here")
+    if cfg.target == "generations":
+        raise ConfigError("python -m t2i_mia.generate --target generations: a generations "
+                          "folder is already images (use --target ldm or dalle-mini)")
     from t2i_mia.audit import build_dataset, build_splits
     from t2i_mia.data.images import save_png
-    from t2i_mia.models.ldm import load_stable_diffusion
     from t2i_mia.parallel.mesh import make_mesh
-    from t2i_mia.targets.ldm import LDMTarget
+    from t2i_mia.targets.external import checkpoint_image_size, load_model
 
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.model)
     if paths.target_dir:
-        comps = load_stable_diffusion(paths.target_dir)
+        size = checkpoint_image_size(cfg.target, paths.target_dir)
+        target = load_model(cfg.target, paths.target_dir, cfg, size, cfg.seed, mesh, "target")
     else:
         from t2i_mia.train import train_model
         comps, _, _ = train_model(cfg, paths.work_dir)
+        if cfg.target == "ldm":
+            from t2i_mia.targets.ldm import LDMTarget
+            target = LDMTarget(comps, cfg.ldm.sample, seed=cfg.seed, mesh=mesh)
+        else:
+            from t2i_mia.targets.dalle_mini import DalleMiniTarget
+            target = DalleMiniTarget.from_components(comps, cfg.dalle.sample, seed=cfg.seed,
+                                                     mesh=mesh)
     if args.captions:
         ids, captions = read_captions(args.captions)
     else:
@@ -80,7 +89,6 @@ def main(argv=None) -> int:
         manifest = build_splits(cfg, dataset)
         ids = manifest.ids("target_members") + manifest.ids("target_nonmembers")
         captions = dataset.captions(ids)
-    target = LDMTarget(comps, cfg.ldm.sample, seed=cfg.seed, mesh=mesh)
     images = np.asarray(target.generate(captions, ids, k))
     for i, per in zip(ids, images):
         os.makedirs(os.path.join(paths.out, str(i)), exist_ok=True)

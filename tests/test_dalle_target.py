@@ -438,3 +438,34 @@ def test_dalle_folder_audited_on_explicit_sets_and_trained_on_members(model, dat
                                   np.asarray(jax.tree.leaves(model.vqgan_params)[0]))
     with open(trained / "members.json") as f:
         assert json.load(f)["ids"] == list(range(8))
+
+
+def test_generate_writes_dalle_images_in_the_generations_layout(model, data, tmp_path):
+    """python -m t2i_mia.generate --target dalle-mini --target-dir: <id>/<j>.png, the same
+    images as the target's generate (per-image keys: independent of the batch)."""
+    import json
+
+    from PIL import Image
+
+    from t2i_mia import cli, generate
+    _, _, captions = data
+    dm.save_dalle_mini(tmp_path / "m", model)
+    caps = tmp_path / "caps.jsonl"
+    caps.write_text("".join(json.dumps({"id": i, "caption": captions[i]}) + "\n"
+                            for i in (3, 9)))
+    out = tmp_path / "gens"
+    assert cli.run_main(generate.main, [
+        "--config", "ci", "--target", "dalle-mini", "--target-dir", str(tmp_path / "m"),
+        "--captions", str(caps), "-k", "2", "--out", str(out),
+        "--set", f"dalle.sample.condition_scale={SAMPLE.condition_scale}",
+        "--set", "dalle.sample.top_k=0"]) == 0
+    got = np.asarray(Image.open(out / "9" / "1.png"))
+    from t2i_mia.parallel.mesh import make_mesh
+    from t2i_mia.config import load_config
+    cfg = load_config("ci", [f"dalle.sample.condition_scale={SAMPLE.condition_scale}",
+                             "dalle.sample.top_k=0"])
+    t = dm.DalleMiniTarget.from_components(model, cfg.dalle.sample, seed=0,
+                                           mesh=make_mesh(cfg.mesh.data, cfg.mesh.model))
+    want = np.asarray(t.generate([captions[9]], [9], 2))[0, 1]
+    assert got.shape == (SIZE, SIZE, 3)
+    np.testing.assert_array_equal(got, want)

@@ -415,3 +415,29 @@ def test_train_members_on_pretrain_end_to_end(gen_sets, tmp_path):
     with open(out / "members.json") as f:
         listed = json.load(f)
     assert listed["ids"] == g["m_ids"] and len(listed["sha256"]) == 40
+
+
+def test_generate_from_a_pytorch_layout_folder_is_what_the_target_draws(tmp_path):
+    """python -m t2i_mia.generate --target ldm --target-dir (PyTorch-layout SD): the
+    generations folder holds exactly the images the target protocol gives."""
+    from PIL import Image
+
+    from t2i_mia import generate
+    from t2i_mia.config import load_config
+    from t2i_mia.models.ldm import load_stable_diffusion
+    from t2i_mia.parallel.mesh import make_mesh
+    from t2i_mia.targets.ldm import LDMTarget
+    folder = REFERENCE / "sd_pt_a"
+    caps = tmp_path / "caps.jsonl"
+    caps.write_text(json.dumps({"id": 4, "caption": "a red square"}) + "\n"
+                    + json.dumps({"id": 11, "caption": "two blue circles"}) + "\n")
+    out = tmp_path / "gens"
+    assert cli.run_main(generate.main, ["--config", "ci", "--target", "ldm", "--target-dir",
+                                        str(folder), "--captions", str(caps), "-k", "1",
+                                        "--out", str(out)]) == 0
+    cfg = load_config("ci")
+    t = LDMTarget(load_stable_diffusion(folder), cfg.ldm.sample, seed=0,
+                  mesh=make_mesh(cfg.mesh.data, cfg.mesh.model))
+    want = np.asarray(t.generate(["two blue circles"], [11], 1))[0, 0]
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "11" / "0.png")), want)
+    assert (out / "4" / "0.png").is_file()
