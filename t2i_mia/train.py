@@ -33,8 +33,10 @@ from t2i_mia.errors import ConfigError
 DESCRIPTION = __doc__.split("\n\n", 1)[1].strip()
 
 
-def _build_from_splits(cfg, work_dir: str, member_split: str):
-    """(components, manifest, number of members) trained on a split of the audit's data."""
+def train_model(cfg, work_dir: str, member_split: str = "target_members"):
+    """Trains (or reuses from ``work_dir``) the model on a split of the audit's data.
+
+    Returns (components, SplitManifest, number of members)."""
     from t2i_mia.audit import build_dataset, build_splits
     from t2i_mia.parallel.mesh import make_mesh
     from t2i_mia.targets import factory
@@ -58,13 +60,6 @@ def _build_from_splits(cfg, work_dir: str, member_split: str):
         comps = dm.train_or_load_dalle(cfg, name, images, caps, factory.ids_hash(hashes),
                                        vqgan, tok, cache, mesh)
     return comps, manifest, len(ids)
-
-
-def train_model(cfg, work_dir: str, member_split: str = "target_members"):
-    """Trains (or reuses from ``work_dir``) the model on ``member_split``.
-
-    Returns (components, SplitManifest, number of members)."""
-    return _build_from_splits(cfg, work_dir, member_split)
 
 
 def _dir_hash(folder: str) -> str:

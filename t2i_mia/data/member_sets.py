@@ -48,13 +48,11 @@ _STREAM = 0x6B0E  # PCG64 stream word of the known-part draw
 
 @dataclasses.dataclass(frozen=True)
 class MemberSet:
-    """One set as read: its path, the ids (ascending) and content hashes, and where each
-    entry is defined (a manifest line ``FILE:LINE`` or an image path) for errors."""
+    """One set as read: its path, the ids (ascending) and content hashes."""
     role: str
     path: str
     ids: tuple[int, ...]
     sha256: tuple[str, ...]
-    where: tuple[str, ...]
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -131,13 +129,13 @@ def read_member_sets(paths: Mapping[str, str | None], image_size: int,
     absent); the ``required`` roles must be given. Decodes every image (a corrupt or
     missing one is an error naming it). DataError on an overlap or a duplicate id; errors
     name each set by its flag (``flags`` overrides ``FLAGS``)."""
-    FLAGS_ = {**FLAGS, **(flags or {})}
+    flag_of = {**FLAGS, **(flags or {})}
     unknown = sorted(set(paths) - set(ROLES))
     if unknown:
         raise ValueError(f"read_member_sets: unknown roles {unknown} (expected {ROLES})")
     for role in required:
         if not paths.get(role):
-            raise DataError(f"{FLAGS_[role]}: missing (a folder of images with .txt captions "
+            raise DataError(f"{flag_of[role]}: missing (a folder of images with .txt captions "
                             f"or a JSONL manifest)")
     sources, sets = {}, {}
     id_owner: dict[int, tuple[str, str]] = {}  # id -> (role, where)
@@ -151,7 +149,7 @@ def read_member_sets(paths: Mapping[str, str | None], image_size: int,
         # a plain folder's ids are positions: numbered after the sets read so far
         offset = 0 if isinstance(ds, JsonlManifest) else next_free
         own_ids = ds.ids()
-        ids, hashes, wheres = [], [], []
+        ids, hashes = [], []
         for own in own_ids:
             where = ds.where(own)
             image = ds.image(own)
@@ -162,24 +160,23 @@ def read_member_sets(paths: Mapping[str, str | None], image_size: int,
             if id in id_owner:
                 other_role, other_where = id_owner[id]
                 raise DataError(
-                    f"{FLAGS_[role]} {where} and {FLAGS_[other_role]} {other_where}: both "
+                    f"{flag_of[role]} {where} and {flag_of[other_role]} {other_where}: both "
                     f"have id {id}; ids must be unique across the sets (give each "
                     f"manifest entry its own \"id\")")
             if h in hash_owner:
                 other_role, other_where = hash_owner[h]
                 what = ("holds the same image twice" if other_role == role
-                        else f"overlaps {FLAGS_[other_role]}")
+                        else f"overlaps {flag_of[other_role]}")
                 raise DataError(
-                    f"{FLAGS_[role]} {path} {what}: {where} (id {id}) and {other_where} "
+                    f"{flag_of[role]} {path} {what}: {where} (id {id}) and {other_where} "
                     f"have the same content (sha256 {h[:16]}...); the sets must be "
                     f"disjoint by content")
             id_owner[id] = (role, where)
             hash_owner[h] = (role, where)
             ids.append(id)
             hashes.append(h)
-            wheres.append(where)
         sources[role] = (ds, offset)
-        sets[role] = MemberSet(role, str(path), tuple(ids), tuple(hashes), tuple(wheres))
+        sets[role] = MemberSet(role, str(path), tuple(ids), tuple(hashes))
         next_free = max(next_free, max(ids) + 1)
     return MemberSets(sets, MemberSetsDataset(sources, image_size))
 
