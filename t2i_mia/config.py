@@ -154,7 +154,9 @@ class EncoderConfig:
     # Weight of the SLIP-style image-image contrastive term (0 = plain CLIP training); see
     # t2i_mia.training.clip_train.
     image_ssl_weight: float = 0.0
-    train: TrainConfig = field(default_factory=TrainConfig)
+    # CLIP's recipe: weight decay 0.1 on matrices, no gradient clipping
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(weight_decay=0.1,
+                                                                   grad_clip=0.0))
 
 
 @dataclass
@@ -329,7 +331,7 @@ def _ci_tiny_encoder(size: str) -> EncoderConfig:
         # tiny target's generations (captions never name the per-image detail it needs).
         image_ssl_weight=1.0,
         train=TrainConfig(steps=150 if small else 800, batch_size=64, learning_rate=1e-3,
-                          warmup_steps=50),
+                          warmup_steps=15 if small else 80, weight_decay=0.1, grad_clip=0.0),
     )
 
 
@@ -402,7 +404,9 @@ def _preset_paper_ldm() -> Config:
                                     "intermediate_size": 3072, "num_hidden_layers": 12,
                                     "num_attention_heads": 12}},
             vocab_size=49408, max_text_length=77,
-            train=TrainConfig(steps=50000, batch_size=1024, learning_rate=5e-4))),
+            train=TrainConfig(steps=50000, batch_size=1024, learning_rate=5e-4,
+                              warmup_steps=5000, weight_decay=0.1, grad_clip=0.0,
+                              checkpoint_every=5000))),
     )
 
 

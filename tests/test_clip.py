@@ -11,6 +11,8 @@ import pytest
 from conftest import REFERENCE, assert_parity, fixture_folders
 from flax import traverse_util
 
+from t2i_mia.checkpoint import latest_step
+from t2i_mia.config import TrainConfig
 from t2i_mia.errors import CheckpointError, ConfigError, DataError
 from t2i_mia.models import formats
 from t2i_mia.models.clip import (CLIP_MEAN, CLIP_STD, CLIPConfig, CLIPModel, CLIPTextConfig,
@@ -226,13 +228,20 @@ def _tiny_config(vocab_size):
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=32)
 
 
+def _tc(steps, batch_size, lr, **kw):
+    """CLIP's recipe (as EncoderConfig's default): warm-up 10%, weight decay 0.1, no clip."""
+    kw = {"warmup_steps": max(1, steps // 10), "weight_decay": 0.1, "grad_clip": 0.0,
+          "checkpoint_every": 0, **kw}
+    return TrainConfig(steps=steps, batch_size=batch_size, learning_rate=lr, **kw)
+
+
 @pytest.mark.slow  # ~20 s on 2 shared cores, nearly all of it XLA compilation
 def test_contrastive_training_learns_retrieval():
     images, captions = _squares()
     tok = TextTokenizer.train(captions, 300, 12)
     cfg = _tiny_config(tok.vocab_size)
     # Steps are cheap (~5 ms); the time goes into compiling init, step and forward.
-    kw = dict(steps=600, batch_size=32, lr=1e-3, seed=0, progress=False)
+    kw = dict(tc=_tc(600, 32, 1e-3), seed=0, progress=False)
     params, losses = train_clip(images, captions, tok, cfg, return_losses=True, **kw)
     assert losses.shape == (600,)
     assert losses[-10:].mean() < 0.5 * losses[0], (losses[0], losses[-10:])
@@ -251,11 +260,11 @@ def test_train_clip_rejects_mismatched_tokenizer():
     images, captions = _squares()
     tok = TextTokenizer.train(captions, 300, 12)
     with pytest.raises(ConfigError, match="vocab_size"):
-        train_clip(images, captions, tok, _tiny_config(tok.vocab_size - 1), steps=1,
-                   batch_size=4, lr=1e-3, seed=0, progress=False)
+        train_clip(images, captions, tok, _tiny_config(tok.vocab_size - 1), _tc(1, 4, 1e-3),
+                   seed=0, progress=False)
     with pytest.raises(DataError, match="captions"):
-        train_clip(images[:5], captions, tok, _tiny_config(tok.vocab_size), steps=1,
-                   batch_size=4, lr=1e-3, seed=0, progress=False)
+        train_clip(images[:5], captions, tok, _tiny_config(tok.vocab_size), _tc(1, 4, 1e-3),
+                   seed=0, progress=False)
 
 
 def _instance_retrieval(params, cfg, images, seed):
@@ -298,7 +307,7 @@ def test_image_ssl_term_makes_image_embeddings_instance_specific():
     images = np.stack(images)
     tok = TextTokenizer.train(captions, 300, 12)
     cfg = _tiny_config(tok.vocab_size)
-    kw = dict(steps=300, batch_size=32, lr=2e-3, seed=0, progress=False)
+    kw = dict(tc=_tc(300, 32, 2e-3), seed=0, progress=False)
     plain = train_clip(images, captions, tok, cfg, **kw)
     slip = train_clip(images, captions, tok, cfg, image_ssl_weight=1.0, **kw)
     acc_plain = _instance_retrieval(plain, cfg, images, 5)
@@ -306,5 +315,31 @@ def test_image_ssl_term_makes_image_embeddings_instance_specific():
     # measured: 0.25 without, 0.66 with the term (chance 1/32)
     assert acc_slip >= 0.5 and acc_slip > acc_plain + 0.2, (acc_plain, acc_slip)
     with pytest.raises(ConfigError, match="image_ssl_weight"):
-        train_clip(images, captions, tok, cfg, steps=1, batch_size=4, lr=1e-3, seed=0,
+        train_clip(images, captions, tok, cfg, _tc(1, 4, 1e-3), seed=0,
                    image_ssl_weight=-1.0, progress=False)
+
+
+def test_train_clip_resumes_and_honours_every_train_key(tmp_path):
+    """On the shared loop: a run interrupted after its step-3 checkpoint and restarted equals
+    the uninterrupted run bit for bit; EMA, weight decay and clipping change the result."""
+    images, captions = _squares()
+    images, captions = images[:16], captions[:16]
+    tok = TextTokenizer.train(captions, 300, 12)
+    cfg = _tiny_config(tok.vocab_size)
+    tc = _tc(6, 8, 1e-3, checkpoint_every=3)
+    full = _flat(train_clip(images, captions, tok, cfg, tc, 0, progress=False))
+    ckpt = tmp_path / "ckpt"
+    train_clip(images, captions, tok, cfg, _tc(6, 8, 1e-3, checkpoint_every=3), 0,
+               ckpt_dir=str(ckpt), progress=False)
+    assert latest_step(ckpt) == 6
+    shutil.rmtree(ckpt / "6")  # as if stopped right after the step-3 checkpoint
+    assert latest_step(ckpt) == 3
+    resumed = _flat(train_clip(images, captions, tok, cfg, tc, 0, ckpt_dir=str(ckpt),
+                               progress=False))
+    for k in full:
+        np.testing.assert_array_equal(full[k], resumed[k], err_msg=k)
+    for change in ({"ema_decay": 0.5}, {"weight_decay": 0.5}, {"grad_clip": 1e-3},
+                   {"warmup_steps": 5}):
+        other = _flat(train_clip(images, captions, tok, cfg, _tc(6, 8, 1e-3, **change), 0,
+                                 progress=False))
+        assert any(not np.array_equal(full[k], other[k]) for k in full), change

@@ -108,7 +108,8 @@ def train_or_load_encoder(enc_cfg, images: np.ndarray, captions: list[str], aux_
     section = dataclasses.asdict(enc_cfg)
     if section.get("image_ssl_weight") == 0.0:  # the default keeps earlier cache keys
         del section["image_ssl_weight"]
-    key = cache_key("clip", section, aux_hash, seed)
+    # "loop": trained on the shared loop, honouring every encoder.train key
+    key = cache_key("clip", "loop", section, aux_hash, seed)
     folder = cache.model_dir("encoder", key)
     if cache.done("encoder", key):
         log.info("encoder: cached %s", folder)
@@ -116,10 +117,9 @@ def train_or_load_encoder(enc_cfg, images: np.ndarray, captions: list[str], aux_
     cfg = CLIPConfig.from_dict(enc_cfg.clip, "config 'adversary.encoder.clip'")
     tok = TextTokenizer.train(captions, vocab_size=enc_cfg.vocab_size,
                               max_length=enc_cfg.max_text_length)
-    t = enc_cfg.train
-    params = train_clip(images, captions, tok, cfg, steps=t.steps, batch_size=t.batch_size,
-                        lr=t.learning_rate, seed=seed,
-                        image_ssl_weight=enc_cfg.image_ssl_weight)
+    params = train_clip(images, captions, tok, cfg, enc_cfg.train, seed,
+                        image_ssl_weight=enc_cfg.image_ssl_weight, mesh=mesh,
+                        ckpt_dir=cache.ckpt_dir("encoder", key))
     os.makedirs(folder, exist_ok=True)
     save_clip(folder, cfg, params)
     tok.save(folder)

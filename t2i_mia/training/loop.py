@@ -212,8 +212,8 @@ def _alive(state: PyTree) -> bool:
 
 def run_training(*, state: TrainState, train_step: Callable, batch_fn: Callable[[int], PyTree],
                  num_steps: int, mesh: Mesh, ckpt_dir: str | None = None,
-                 checkpoint_every: int | None = None, desc: str = "train", log_every: int = 50
-                 ) -> tuple[TrainState, list[dict]]:
+                 checkpoint_every: int | None = None, desc: str = "train", log_every: int = 50,
+                 progress: bool = True) -> tuple[TrainState, list[dict]]:
     """Trains ``state`` up to ``num_steps`` completed steps and returns ``(state, history)``.
 
     ``train_step``: a :class:`ShardedStep` from :func:`jit_train_step` (or any
@@ -226,7 +226,8 @@ def run_training(*, state: TrainState, train_step: Callable, batch_fn: Callable[
     end, and before re-raising on SIGTERM (as ``SystemExit(128 + 15)``) or Ctrl-C (as
     ``KeyboardInterrupt``). ``history``: one dict per step run by this call, ``{"step": n
     (completed steps), **metrics}`` (floats); metrics are fetched every ``log_every`` steps,
-    so the loop does not wait on the device in between.
+    so the loop does not wait on the device in between. ``progress``: show the bar (on the
+    first process only).
     """
     if num_steps < 0:
         raise ConfigError(f"run_training({desc}): num_steps must be >= 0, got {num_steps}")
@@ -260,7 +261,7 @@ def run_training(*, state: TrainState, train_step: Callable, batch_fn: Callable[
     history: list[dict] = []
     pending: list[tuple[int, dict]] = []
     pbar = tqdm(total=num_steps, initial=min(step, num_steps), desc=desc, dynamic_ncols=True,
-                disable=jax.process_index() != 0)
+                disable=not progress or jax.process_index() != 0)
     t0 = time.perf_counter()
 
     def flush() -> None:
