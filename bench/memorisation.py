@@ -31,7 +31,8 @@ def main(argv=None) -> int:
     from scipy.stats import mannwhitneyu
 
     from t2i_mia.adversary import metrics as M
-    from t2i_mia.audit import build_dataset, build_splits
+    from t2i_mia.data.sources import open_dataset as build_dataset
+    from t2i_mia.data.splits import build_splits
     from t2i_mia.config import load_config
     from t2i_mia.parallel.mesh import make_mesh
     from t2i_mia.targets import factory

@@ -600,7 +600,8 @@ def bench_dallebart_decode(ctx: Ctx) -> Result:
 
 def bench_features(ctx: Ctx) -> Result:
     from t2i_mia.adversary import features as F
-    from t2i_mia.audit import QuerySet, attack_features
+    from t2i_mia.adversary.features import attack_features
+    from t2i_mia.pipeline.audit import QuerySet
     from t2i_mia.adversary.encoder import Encoder
     from t2i_mia.data.synthetic import SyntheticCaptions
     from t2i_mia.models.clip import CLIPConfig, CLIPModel
@@ -614,7 +615,7 @@ def bench_features(ctx: Ctx) -> Result:
     size = cfg.data.image_size
     res = Result("features", config={
         "preset": cfg.preset, "queries": n, "k": k, "image_size": size, "clip": enc_cfg.clip,
-        "path": "t2i_mia.audit.attack_features (pixel + semantic + faithfulness), "
+        "path": "t2i_mia.adversary.features.attack_features (pixel + semantic + faithfulness), "
                 "results on the host", "mesh": "1 device"})
     data = SyntheticCaptions(seed=0, size=size, n=n)
     images, captions = data.get_many(list(range(n)))
@@ -636,7 +637,7 @@ def bench_features(ctx: Ctx) -> Result:
     out = {}
 
     def call_all():
-        out["f"] = attack_features(encoder, qs, gen, captions)
+        out["f"] = attack_features(encoder, qs.images, gen, captions)
         return 0
 
     t_all = measure(call_all, ctx)
@@ -755,8 +756,8 @@ def bench_audit(ctx: Ctx) -> Result:
         res.add("total_s", None, "s", res.reason)
         return res
     else:
-        from t2i_mia.audit import run_audit
-        from t2i_mia.cli import RunPaths
+        from t2i_mia.pipeline.audit import run_audit
+        from t2i_mia.pipeline.paths import RunPaths
         cfg = get_config("ci")
         with tempfile.TemporaryDirectory(prefix="t2i_mia_bench_audit_") as tmp:
             paths = RunPaths(work_dir=os.path.join(tmp, "work"), out=os.path.join(tmp, "out"),

@@ -8,10 +8,15 @@ of Wu et al. (2022), controls, and the report in --out.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import sys
 
 from t2i_mia import cli
+from t2i_mia.config import validate
+from t2i_mia.pipeline.audit import run_audit
+from t2i_mia.report.summary import write_summary
 
 DESCRIPTION = __doc__.split("\n\n", 1)[1].strip() if __doc__ else ""
 
@@ -74,16 +79,10 @@ def main(argv=None) -> int:
             print(f"  seeds         {', '.join(map(str, seeds))}: {paths.out}/seed_<s>/, "
                   f"{paths.out}/summary.json, summary.md")
         return 0
-    from t2i_mia.audit import run_audit
     if not seeds:
         run_audit(cfg, paths)
         logging.getLogger("t2i_mia").info("report written to %s", paths.out)
         return 0
-    import dataclasses
-    import os
-
-    from t2i_mia.config import validate
-    from t2i_mia.report.summary import write_summary
     reports = []
     for s in seeds:
         cfg_s = validate(dataclasses.replace(cfg, seed=s))

@@ -14,8 +14,14 @@ import logging
 import os
 import sys
 
+import jax
+
 from t2i_mia.config import DATA_SOURCES, PRESETS, TARGETS, Config, load_config
+from t2i_mia.data.sources import shard_limit
 from t2i_mia.errors import ConfigError, T2IMiaError
+from t2i_mia.models.configs import check_model_configs
+from t2i_mia.parallel.distributed import initialize_from_env
+from t2i_mia.pipeline.paths import RunPaths
 
 log = logging.getLogger("t2i_mia")
 
@@ -36,16 +42,6 @@ configuration:
   Unknown keys and wrong types are errors naming the key. --dry-run prints the resolved
   plan (sizes, mesh, steps, outputs) and exits without touching anything.
 """
-
-
-@dataclasses.dataclass
-class RunPaths:
-    work_dir: str
-    out: str
-    target_dir: str | None
-    data_dir: str | None
-    shadow_dir: str | None = None  # explicit sets, aux_mode shadow: the user's shadow model
-    null_target_dir: str | None = None  # explicit sets: a model that never saw the members
 
 
 def make_parser(prog: str, description: str, epilog: str = "",
@@ -167,7 +163,8 @@ def resolve(args: argparse.Namespace) -> tuple[Config, RunPaths]:
         # explicit sets: a shadow when one is given, else the known fraction of the sets
         mode = "shadow" if getattr(args, "shadow_dir", None) else "partial"
         overrides.insert(0, f"adversary.aux_mode={mode}")
-    cfg = load_config(args.config or default_preset(args.data, args.target), overrides)
+    cfg = check_model_configs(
+        load_config(args.config or default_preset(args.data, args.target), overrides))
     sets = cfg.data.sets
     for flag, path in (("--shadow-dir", getattr(args, "shadow_dir", None)),
                        ("--null-target-dir", getattr(args, "null_target_dir", None))):
@@ -232,7 +229,6 @@ def _aux_mode_given(args) -> bool:
 
 def plan(cfg: Config, paths: RunPaths, what: str) -> str:
     """A readable plan of what a run would do."""
-    import jax
     s = cfg.data.splits
     n_dev = len(jax.devices())
     data_ax = n_dev // cfg.mesh.model if cfg.mesh.data == -1 else cfg.mesh.data
@@ -303,7 +299,6 @@ def _data_location(cfg: Config) -> str:
         return (f"coco: TFDS {d.tfds_name} split {d.tfds_split} from {where} (array_record; "
                 f"read, never downloaded)")
     if d.source == "cc3m":
-        from t2i_mia.data.sources import shard_limit
         n = sum(getattr(d.splits, f.name) for f in dataclasses.fields(d.splits))
         shards = d.data_dir or "none given (--data-dir is needed for a real run)"
         return (f"cc3m: webdataset shards {shards}, indexed up to {shard_limit(n)} good "
@@ -314,7 +309,6 @@ def _data_location(cfg: Config) -> str:
 def run_main(fn, argv=None) -> int:
     """Runs an entry point, turning our errors into one clear line and exit code 2."""
     try:
-        from t2i_mia.parallel.distributed import initialize_from_env
         # jax.distributed from T2I_MIA_* / a multi-worker TPU slice; a no-op on one host
         initialize_from_env()
         return fn(argv) or 0

@@ -13,7 +13,6 @@ are validated by the model's own config class at load time.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
@@ -601,7 +600,9 @@ def _check(cond: bool, key: str, msg: str) -> None:
 
 
 def validate(cfg: Config) -> Config:
-    """Validates values (ranges, enums) and the model sub-configs with their own classes."""
+    """Validates values (ranges, enums, combinations), naming the key. The model sub-configs
+    (``ldm.unet`` ...) are checked by their own classes in
+    :func:`t2i_mia.models.configs.check_model_configs`."""
     _check(cfg.target in TARGETS, "target", f"expected one of {TARGETS}, got {cfg.target!r}")
     _check(cfg.data.source in DATA_SOURCES, "data.source",
            f"expected one of {DATA_SOURCES}, got {cfg.data.source!r}")
@@ -666,27 +667,4 @@ def validate(cfg: Config) -> Config:
         _check(s.target_known_members >= 2 and s.target_known_nonmembers >= 2,
                "data.splits.target_known_members",
                "partial-knowledge mode needs >= 2 known members and non-members")
-    _validate_model_configs(cfg)
     return cfg
-
-
-def _validate_model_configs(cfg: Config) -> None:
-    """Each model sub-config is checked by the model's own config class, naming the key."""
-    from t2i_mia.models import autoencoder_kl, clip, dallebart, schedulers, unet, vqgan
-    checks = [
-        ("ldm.vae", cfg.ldm.vae, autoencoder_kl.AutoencoderKLConfig),
-        ("ldm.unet", cfg.ldm.unet, unet.UNet2DConditionConfig),
-        ("ldm.text_encoder", cfg.ldm.text_encoder, clip.CLIPTextConfig),
-        ("ldm.scheduler", cfg.ldm.scheduler, schedulers.SchedulerConfig),
-        ("dalle.vqgan", cfg.dalle.vqgan, vqgan.VQGANConfig),
-        ("dalle.bart", cfg.dalle.bart, dallebart.DalleBartConfig),
-        ("adversary.encoder.clip", cfg.adversary.encoder.clip, clip.CLIPConfig),
-    ]
-    for key, d, cls in checks:
-        if d:
-            try:
-                cls.from_dict(copy.deepcopy(d), where=f"config '{key}'")
-            except ConfigError:
-                raise
-            except (TypeError, ValueError, KeyError) as e:
-                raise ConfigError(f"config '{key}': {e}") from e

@@ -18,7 +18,15 @@ import sys
 import numpy as np
 
 from t2i_mia import cli
+from t2i_mia.data.images import save_png
+from t2i_mia.data.sources import open_dataset
+from t2i_mia.data.splits import build_splits
 from t2i_mia.errors import ConfigError, DataError
+from t2i_mia.parallel.mesh import make_mesh
+from t2i_mia.targets.dalle_mini import DalleMiniTarget
+from t2i_mia.targets.external import checkpoint_image_size, load_model
+from t2i_mia.targets.ldm import LDMTarget
+from t2i_mia.train import train_model
 
 DESCRIPTION = __doc__.split("\n\n", 1)[1].strip()
 
@@ -63,29 +71,21 @@ def main(argv=None) -> int:
     if cfg.target == "generations":
         raise ConfigError("python -m t2i_mia.generate --target generations: a generations "
                           "folder is already images (use --target ldm or dalle-mini)")
-    from t2i_mia.audit import build_dataset, build_splits
-    from t2i_mia.data.images import save_png
-    from t2i_mia.parallel.mesh import make_mesh
-    from t2i_mia.targets.external import checkpoint_image_size, load_model
-
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.model)
     if paths.target_dir:
         size = checkpoint_image_size(cfg.target, paths.target_dir)
         target = load_model(cfg.target, paths.target_dir, cfg, size, cfg.seed, mesh, "target")
     else:
-        from t2i_mia.train import train_model
         comps, _, _ = train_model(cfg, paths.work_dir)
         if cfg.target == "ldm":
-            from t2i_mia.targets.ldm import LDMTarget
             target = LDMTarget(comps, cfg.ldm.sample, seed=cfg.seed, mesh=mesh)
         else:
-            from t2i_mia.targets.dalle_mini import DalleMiniTarget
             target = DalleMiniTarget.from_components(comps, cfg.dalle.sample, seed=cfg.seed,
                                                      mesh=mesh)
     if args.captions:
         ids, captions = read_captions(args.captions)
     else:
-        dataset = build_dataset(cfg, sum(vars(cfg.data.splits).values()))
+        dataset = open_dataset(cfg, sum(vars(cfg.data.splits).values()))
         manifest = build_splits(cfg, dataset)
         ids = manifest.ids("target_members") + manifest.ids("target_nonmembers")
         captions = dataset.captions(ids)

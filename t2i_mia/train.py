@@ -21,6 +21,7 @@ for ``--target ldm``, a DALL-E mini folder (vqgan/, dallebart/, tokenizer/) for
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -28,7 +29,15 @@ import shutil
 import sys
 
 from t2i_mia import cli
+from t2i_mia.data.member_sets import read_member_sets
+from t2i_mia.data.sources import open_dataset
+from t2i_mia.data.splits import build_splits
 from t2i_mia.errors import ConfigError
+from t2i_mia.models.ldm import load_stable_diffusion, save_stable_diffusion
+from t2i_mia.parallel.mesh import make_mesh
+from t2i_mia.targets import dalle_mini as dm
+from t2i_mia.targets import factory
+from t2i_mia.targets.external import checkpoint_image_size
 
 DESCRIPTION = __doc__.split("\n\n", 1)[1].strip()
 
@@ -37,13 +46,9 @@ def train_model(cfg, work_dir: str, member_split: str = "target_members"):
     """Trains (or reuses from ``work_dir``) the model on a split of the audit's data.
 
     Returns (components, SplitManifest, number of members)."""
-    from t2i_mia.audit import build_dataset, build_splits
-    from t2i_mia.parallel.mesh import make_mesh
-    from t2i_mia.targets import factory
-
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.model)
     cache = factory.ModelCache(work_dir)
-    dataset = build_dataset(cfg, sum(vars(cfg.data.splits).values()))
+    dataset = open_dataset(cfg, sum(vars(cfg.data.splits).values()))
     manifest = build_splits(cfg, dataset)
     name = "target" if member_split == "target_members" else "shadow"
     ids, hashes = factory.model_members(manifest, name)
@@ -51,13 +56,12 @@ def train_model(cfg, work_dir: str, member_split: str = "target_members"):
         base = factory.ldm_base(cfg, dataset, manifest, cache, mesh)
         comps = factory.ldm_for(cfg, name, dataset, manifest, base, cache, mesh)
     else:
-        from t2i_mia.targets import dalle_mini as dm
         pre_images, pre_caps = dataset.get_many(manifest.ids("pretrain"))
         pre_hash = factory.ids_hash(manifest.hashes("pretrain"))
-        vqgan = dm.train_or_load_vqgan(cfg, pre_images, pre_hash, cache, mesh)
-        tok = dm.train_or_load_dalle_tokenizer(cfg, pre_caps, pre_hash, cache)
+        vqgan = factory.train_or_load_vqgan(cfg, pre_images, pre_hash, cache, mesh)
+        tok = factory.train_or_load_dalle_tokenizer(cfg, pre_caps, pre_hash, cache)
         images, caps = dataset.get_many(ids)
-        comps = dm.train_or_load_dalle(cfg, name, images, caps, factory.ids_hash(hashes),
+        comps = factory.train_or_load_dalle(cfg, name, images, caps, factory.ids_hash(hashes),
                                        vqgan, tok, cache, mesh)
     return comps, manifest, len(ids)
 
@@ -81,13 +85,6 @@ def train_on_members(cfg, work_dir: str, members: str, base_dir: str | None,
 
     Public parts from ``base_dir`` or trained on ``pretrain`` (disjoint from the members by
     content). Returns (components, MemberSet of the members)."""
-    import dataclasses
-
-    from t2i_mia.data.member_sets import read_member_sets
-    from t2i_mia.parallel.mesh import make_mesh
-    from t2i_mia.targets import factory
-    from t2i_mia.targets.external import checkpoint_image_size
-
     if bool(base_dir) == bool(pretrain):
         raise ConfigError("--members needs the model's public parts from exactly one of "
                           "--base-dir DIR (an existing checkpoint of the same kind) or "
@@ -109,7 +106,6 @@ def train_on_members(cfg, work_dir: str, members: str, base_dir: str | None,
         p_hash = factory.ids_hash(list(p.sha256))
     if cfg.target == "ldm":
         if base_dir:
-            from t2i_mia.models.ldm import load_stable_diffusion
             base = load_stable_diffusion(base_dir)
             vae, tok = (base.vae_cfg, base.vae_params), base.tokenizer
         else:
@@ -118,7 +114,6 @@ def train_on_members(cfg, work_dir: str, members: str, base_dir: str | None,
         comps = factory.train_or_load_ldm(cfg, "target", images, captions, members_hash, vae,
                                           tok, cache, mesh)
     else:
-        from t2i_mia.targets import dalle_mini as dm
         if base_dir:
             base = dm.load_dalle_mini(base_dir)
             # the base's VQGAN enters the DalleBart's cache key by its files' content
@@ -126,20 +121,18 @@ def train_on_members(cfg, work_dir: str, members: str, base_dir: str | None,
                                                                           dm.VQGAN_DIR)))
             vqgan, tok = (base.vqgan_cfg, base.vqgan_params, key), base.tokenizer
         else:
-            vqgan = dm.train_or_load_vqgan(cfg, p_images, p_hash, cache, mesh)
-            tok = dm.train_or_load_dalle_tokenizer(cfg, p_caps, p_hash, cache)
-        comps = dm.train_or_load_dalle(cfg, "target", images, captions, members_hash, vqgan,
+            vqgan = factory.train_or_load_vqgan(cfg, p_images, p_hash, cache, mesh)
+            tok = factory.train_or_load_dalle_tokenizer(cfg, p_caps, p_hash, cache)
+        comps = factory.train_or_load_dalle(cfg, "target", images, captions, members_hash, vqgan,
                                        tok, cache, mesh)
     return comps, m
 
 
 def _save(target: str, comps, folder: str) -> None:
     if target == "ldm":
-        from t2i_mia.models.ldm import save_stable_diffusion
         save_stable_diffusion(folder, comps)
     else:
-        from t2i_mia.targets.dalle_mini import save_dalle_mini
-        save_dalle_mini(folder, comps)
+        dm.save_dalle_mini(folder, comps)
 
 
 def main(argv=None) -> int:

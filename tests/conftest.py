@@ -96,8 +96,8 @@ def audit_dirs(tmp_path_factory):
 def run_ci_audit(tmp: str, work: str, name: str, overrides=(), target_dir=None, target=None):
     """One audit at the ``ci`` preset (+ ``overrides``) into ``tmp/name``; models from ``work``.
     Returns (report dict, output folder)."""
-    from t2i_mia.audit import run_audit
-    from t2i_mia.cli import RunPaths
+    from t2i_mia.pipeline.audit import run_audit
+    from t2i_mia.pipeline.paths import RunPaths
     from t2i_mia.config import load_config
     cfg = load_config("ci", list(overrides) + ([f"target={target}"] if target else []))
     out = os.path.join(tmp, name)

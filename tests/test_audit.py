@@ -173,7 +173,8 @@ def test_generations_target_audit(base, audit_dirs, tmp_path):
     t2i_mia.generate's layout), as a positive control through the whole pipeline: member
     "generations" are noisy copies of the member images, non-members' are random images;
     the pixel attack must read AUC ~1."""
-    from t2i_mia.audit import build_dataset, build_splits
+    from t2i_mia.data.sources import open_dataset as build_dataset
+    from t2i_mia.data.splits import build_splits
     from t2i_mia.data.images import save_png
     from t2i_mia.data.splits import SplitManifest
     tmp, work = audit_dirs
@@ -240,7 +241,8 @@ def test_memorisation_members_closer_than_nonmembers(base, audit_dirs):
     import jax
     from scipy.stats import mannwhitneyu
 
-    from t2i_mia.audit import build_dataset, build_splits
+    from t2i_mia.data.sources import open_dataset as build_dataset
+    from t2i_mia.data.splits import build_splits
     from t2i_mia.parallel.mesh import make_mesh
     from t2i_mia.targets import factory
     from t2i_mia.targets.ldm import LDMTarget

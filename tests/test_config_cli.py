@@ -70,10 +70,16 @@ def test_wrong_type_or_value_names_the_key(override, key):
 
 
 def test_model_subconfig_validated_by_model_class():
+    from t2i_mia.models.configs import check_model_configs
     with pytest.raises(ConfigError, match="down_block_types"):
-        load_config("ci", ['ldm.unet.down_block_types=["FooBlock","DownBlock2D"]'])
+        check_model_configs(load_config(
+            "ci", ['ldm.unet.down_block_types=["FooBlock","DownBlock2D"]']))
     with pytest.raises(ConfigError, match="hidden_act"):
-        load_config("ci", ['ldm.text_encoder.hidden_act="relu6"'])
+        check_model_configs(load_config("ci", ['ldm.text_encoder.hidden_act="relu6"']))
+    # the entry points check them before anything runs
+    with pytest.raises(ConfigError, match="hidden_act"):
+        cli.resolve(cli.make_parser("t", "d").parse_args(
+            ["--config", "ci", "--set", 'ldm.text_encoder.hidden_act="relu6"']))
 
 
 def test_config_file(tmp_path):

@@ -329,8 +329,12 @@ def test_load_errors_name_the_folder(model, tmp_path):
 
 @pytest.mark.slow
 def test_build_dalle_models_trains_caches_and_loads(tmp_path):
-    from t2i_mia.audit import Models, Timer, build_dataset, build_splits
-    from t2i_mia.cli import RunPaths
+    from t2i_mia.data.sources import open_dataset as build_dataset
+    from t2i_mia.data.splits import build_splits
+    from t2i_mia.targets.builders import build_models
+    from t2i_mia.targets.protocol import Models
+    from t2i_mia.timing import Timer
+    from t2i_mia.pipeline.paths import RunPaths
     from t2i_mia.config import SplitsConfig
     from t2i_mia.targets.factory import ModelCache
 
@@ -353,7 +357,7 @@ def test_build_dalle_models_trains_caches_and_loads(tmp_path):
     cache = ModelCache(paths.work_dir)
     mesh = _mesh1()
     timer = Timer()
-    models = dm.build_dalle_models(cfg, paths, dataset, manifest, cache, mesh, timer)
+    models = build_models(cfg, paths, dataset, manifest, cache, mesh, timer)
     assert isinstance(models, Models)
     assert models.attack_source is models.null is models.white_box
     assert models.target.name == "target" and models.null.name == "shadow"
@@ -370,7 +374,7 @@ def test_build_dalle_models_trains_caches_and_loads(tmp_path):
     g = models.target.generate(caps, ids, 2, progress=False)
     assert g.shape == (2, 2, SIZE, SIZE, 3) and g.dtype == jnp.uint8
     # second build: everything from the cache, same images
-    cached = dm.build_dalle_models(cfg, paths, dataset, manifest, cache, mesh, Timer())
+    cached = build_models(cfg, paths, dataset, manifest, cache, mesh, Timer())
     np.testing.assert_array_equal(np.asarray(cached.target.generate(caps, ids, 2,
                                                                     progress=False)),
                                   np.asarray(g))
@@ -378,16 +382,16 @@ def test_build_dalle_models_trains_caches_and_loads(tmp_path):
     target_dir = [p for p in (tmp_path / "work" / "models").iterdir()
                   if p.name.startswith("dalle-target-")][0]
     cfg.adversary.aux_mode = "partial"
-    loaded = dm.build_dalle_models(cfg, dataclasses.replace(paths, target_dir=str(target_dir)),
-                                   dataset, manifest, cache, mesh, Timer())
+    loaded = build_models(cfg, dataclasses.replace(paths, target_dir=str(target_dir)),
+                          dataset, manifest, cache, mesh, Timer())
     assert loaded.attack_source is loaded.target and loaded.null.name == "shadow"
     np.testing.assert_array_equal(np.asarray(loaded.target.generate(caps, ids, 2,
                                                                     progress=False)),
                                   np.asarray(g))
     cfg.data.image_size = 32
     with pytest.raises(ConfigError, match="makes 16px images"):
-        dm.build_dalle_models(cfg, dataclasses.replace(paths, target_dir=str(target_dir)),
-                              dataset, manifest, cache, mesh, Timer())
+        build_models(cfg, dataclasses.replace(paths, target_dir=str(target_dir)),
+                     dataset, manifest, cache, mesh, Timer())
 
 
 # --------------------------------------------------------------------------- your own model

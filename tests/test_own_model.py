@@ -21,7 +21,7 @@ pytestmark = CI_MODELS
 
 @pytest.fixture(scope="module")
 def own(ci_audit, audit_dirs, tmp_path_factory):
-    from t2i_mia.audit import build_dataset
+    from t2i_mia.data.sources import open_dataset as build_dataset
     from t2i_mia.config import load_config
     _, out = ci_audit
     _, work = audit_dirs

@@ -7,6 +7,7 @@ from every target and shadow split).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from typing import Any, Sequence
@@ -20,6 +21,8 @@ from t2i_mia.errors import CheckpointError
 from t2i_mia.models.clip import CLIP_MEAN, CLIP_STD, CLIPConfig, CLIPModel, load_clip, save_clip
 from t2i_mia.models.tokenizer import TextTokenizer
 from t2i_mia.parallel.mesh import batch_sharding, replicated
+from t2i_mia.targets.factory import cache_key
+from t2i_mia.training.clip_train import train_clip
 
 log = logging.getLogger(__name__)
 PyTree = Any
@@ -40,7 +43,6 @@ def device_preprocess(images: jax.Array, size: int) -> jax.Array:
 class Encoder:
     """``embed_images(uint8[N,H,W,3]) -> f32[N,P]`` and ``embed_texts(list[str]) ->
     f32[N,P]``, both L2-normalised, computed in fixed-size jitted batches over the mesh."""
-
     def __init__(self, cfg: CLIPConfig, params: PyTree, tokenizer: TextTokenizer, mesh: Mesh,
                  batch_size: int = 256):
         self.cfg = cfg
@@ -102,9 +104,6 @@ def load_encoder(folder: str, mesh: Mesh) -> Encoder:
 def train_or_load_encoder(enc_cfg, images: np.ndarray, captions: list[str], aux_hash: str,
                           seed: int, cache, mesh: Mesh) -> Encoder:
     """CLIP trained contrastively on the auxiliary split (cached like every model)."""
-    from t2i_mia.targets.factory import cache_key
-    from t2i_mia.training.clip_train import train_clip
-    import dataclasses
     section = dataclasses.asdict(enc_cfg)
     if section.get("image_ssl_weight") == 0.0:  # the default keeps earlier cache keys
         del section["image_ssl_weight"]

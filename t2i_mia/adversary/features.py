@@ -345,3 +345,20 @@ def feature_matrix(features: Mapping[str, object], attack: str,
     cols = _columns(features, attack, vectors)
     return np.concatenate([a[:, None] if a.ndim == 1 else a for _, a in cols],
                           axis=1).astype(np.float32)
+
+
+def attack_features(encoder, query_images, gen: jax.Array, captions: list[str],
+                    coarse_side: int = 8) -> dict[str, np.ndarray]:
+    """All features of one query set: query_images uint8[N,H,W,3], ``gen`` uint8[N,k,H,W,3]
+    (on device), the N captions the generations were asked for; ``encoder`` has
+    ``embed_images`` / ``embed_texts`` (:class:`t2i_mia.adversary.encoder.Encoder`).
+    Returns feature name -> np.ndarray[N] (or [N,P] for the embeddings)."""
+    n, k = gen.shape[:2]
+    q = jnp.asarray(query_images)
+    feats = dict(pixel_features(to_unit_float(q), to_unit_float(gen), coarse_side=coarse_side))
+    q_emb = encoder.embed_images(q)
+    g_emb = encoder.embed_images(gen.reshape((n * k,) + gen.shape[2:])).reshape(n, k, -1)
+    t_emb = encoder.embed_texts(captions)
+    feats.update(semantic_features(q_emb, g_emb))
+    feats.update(faithfulness_features(t_emb, g_emb))
+    return {name: np.asarray(v) for name, v in feats.items()}

@@ -15,6 +15,10 @@ from __future__ import annotations
 import logging
 
 from t2i_mia.config import Config
+from t2i_mia.data.coco import TfdsCaptions
+from t2i_mia.data.folder import open_folder
+from t2i_mia.data.synthetic import SyntheticCaptions
+from t2i_mia.data.webdataset import WebDatasetShards
 from t2i_mia.errors import ConfigError
 
 log = logging.getLogger("t2i_mia")
@@ -38,15 +42,12 @@ def open_dataset(cfg: Config, n_needed: int):
     """
     src = cfg.data.source
     if src == "synthetic":
-        from t2i_mia.data.synthetic import SyntheticCaptions
         # A little slack: exact-duplicate scenes (rare) are dropped before split assignment.
         return SyntheticCaptions(seed=cfg.seed, size=cfg.data.image_size,
                                  n=int(n_needed * 1.02) + 16)
     if src == "folder":
-        from t2i_mia.data.folder import open_folder
         return open_folder(cfg.data.data_dir, cfg.data.image_size)
     if src == "coco":
-        from t2i_mia.data.coco import TfdsCaptions
         ds = TfdsCaptions(cfg.data.tfds_name, cfg.data.tfds_split, cfg.data.data_dir,
                           cfg.data.image_size)
         log.info("data: %s, %d records", ds.name, len(ds))
@@ -56,7 +57,6 @@ def open_dataset(cfg: Config, n_needed: int):
             raise ConfigError("config key 'data.data_dir': --data cc3m needs --data-dir, the "
                               "webdataset .tar shards (paths, globs or {00000..00331} "
                               "patterns, comma-separated)")
-        from t2i_mia.data.webdataset import WebDatasetShards
         ds = WebDatasetShards(cfg.data.data_dir, cfg.data.image_size,
                               limit=shard_limit(n_needed))
         s = ds.skip_summary()

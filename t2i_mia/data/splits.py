@@ -37,6 +37,7 @@ from typing import Mapping
 
 import numpy as np
 
+from t2i_mia.config import Config
 from t2i_mia.data.records import MAX_ID, Dataset, content_hash
 from t2i_mia.errors import DataError
 
@@ -102,7 +103,6 @@ class SplitSizes:
 @dataclass(frozen=True)
 class Split:
     """One split: stable ids and their content hashes, in assignment order."""
-
     ids: tuple[int, ...]
     sha256: tuple[str, ...]
 
@@ -113,7 +113,6 @@ class Split:
 @dataclass(frozen=True)
 class SplitManifest:
     """Ids and content hashes per split, with the data set, image size and seed used."""
-
     dataset: str
     image_size: int
     seed: int
@@ -379,3 +378,12 @@ def make_splits(dataset: Dataset, sizes: SplitSizes, seed: int) -> SplitManifest
 
 def _describe(sizes: SplitSizes) -> str:
     return ", ".join(f"{k}={v}" for k, v in sizes.to_dict().items() if v)
+
+
+def build_splits(cfg: Config, dataset: Dataset) -> SplitManifest:
+    """The manifest of ``cfg.data.splits`` drawn from ``dataset`` with ``cfg.seed``, checked
+    disjoint by content hash."""
+    sizes = SplitSizes(**dataclasses.asdict(cfg.data.splits))
+    manifest = make_splits(dataset, sizes, seed=cfg.seed)
+    manifest.check_disjoint()
+    return manifest

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import linen as nn
+from PIL import Image
 
 from t2i_mia.errors import ConfigError, DataError
 from t2i_mia.models import formats
@@ -586,7 +587,6 @@ def preprocess_images(images: np.ndarray, image_size: int) -> np.ndarray:
     if not _pos_int(image_size):
         raise ConfigError(f"preprocess_images: image_size = {image_size!r} must be a positive int")
     if images.shape[1:3] != (image_size, image_size):
-        from PIL import Image
         out = []
         for img in images:
             h, w = img.shape[:2]

@@ -21,11 +21,20 @@ import dataclasses
 import os
 from typing import Any
 
+import jax
+
 from t2i_mia.errors import CheckpointError
-from t2i_mia.models import formats
+from t2i_mia.models import autoencoder_kl, formats, unet
 from t2i_mia.models.autoencoder_kl import AutoencoderKLConfig, load_vae, save_vae
-from t2i_mia.models.schedulers import SCHEDULER_CONFIG, SchedulerConfig, load_scheduler_config, \
-    save_scheduler_config
+from t2i_mia.models.clip import CLIPTextConfig, init_clip_text, load_clip_text, save_clip_text
+from t2i_mia.models.schedulers import (
+    SCHEDULER_CONFIG,
+    SchedulerConfig,
+    load_scheduler_config,
+    save_scheduler_config,
+)
+from t2i_mia.models.tokenizer import TextTokenizer
+from t2i_mia.models.torch_format import is_torch_sd_folder, read_component, torch_to_flax
 from t2i_mia.models.unet import UNet2DConditionConfig, load_unet, save_unet
 
 PyTree = Any
@@ -70,9 +79,6 @@ def load_stable_diffusion(folder: str | os.PathLike) -> LDMComponents:
 
     Raises CheckpointError / ConfigError naming the missing or bad file, key or tensor.
     """
-    from t2i_mia.models.clip import load_clip_text
-    from t2i_mia.models.tokenizer import TextTokenizer
-
     folder = os.fspath(folder)
     check_not_lora_or_single_file(folder)
     index_path = os.path.join(folder, MODEL_INDEX)
@@ -83,7 +89,6 @@ def load_stable_diffusion(folder: str | os.PathLike) -> LDMComponents:
                                   f"lists {list(COMPONENTS)})")
         if not os.path.isdir(os.path.join(folder, name)):
             raise CheckpointError(f"{os.path.join(folder, name)}: missing folder (listed in {index_path})")
-    from t2i_mia.models.torch_format import is_torch_sd_folder
     if is_torch_sd_folder(folder):
         vae_cfg, vae_params, unet_cfg, unet_params, text_cfg, text_params = _load_torch(folder)
     else:
@@ -115,12 +120,6 @@ def check_not_lora_or_single_file(folder: str) -> None:
 def _load_torch(folder: str):
     """(vae_cfg, vae_params, unet_cfg, unet_params, text_cfg, text_params) of a PyTorch-layout
     folder, every tensor mapped and shape-checked."""
-    import jax
-
-    from t2i_mia.models import autoencoder_kl, unet
-    from t2i_mia.models.clip import CLIPTextConfig, init_clip_text
-    from t2i_mia.models.torch_format import read_component, torch_to_flax
-
     def component(name, config_cls, stem):
         sub = os.path.join(folder, name)
         cfg_path = os.path.join(sub, "config.json")
@@ -145,8 +144,6 @@ def _load_torch(folder: str):
 def save_stable_diffusion(folder: str | os.PathLike, comps: LDMComponents) -> None:
     """Writes ``comps`` as a Stable Diffusion Flax folder (each file atomically;
     ``model_index.json`` last, so a folder that has it is complete)."""
-    from t2i_mia.models.clip import save_clip_text
-
     folder = os.fspath(folder)
     check_compatible(comps, folder)
     for name in COMPONENTS:

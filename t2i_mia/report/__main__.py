@@ -18,6 +18,10 @@ import argparse
 import logging
 import sys
 
+from t2i_mia.errors import T2IMiaError
+from t2i_mia.report.scores import read_scores, report_from_scores
+from t2i_mia.report.writer import format_table, write_report
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m t2i_mia.report",
@@ -32,8 +36,6 @@ def main(argv=None) -> int:
                    help="bootstrap resamples (default: the audit's)")
     p.add_argument("--seed", type=int, default=None, help="bootstrap seed (default: the audit's)")
     args = p.parse_args(argv)
-    from t2i_mia.report.scores import read_scores, report_from_scores
-    from t2i_mia.report.writer import format_table, write_report
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname).1s %(name)s: %(message)s")
     sc, meta, _ = read_scores(args.scores, args.null_scores)
@@ -49,7 +51,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from t2i_mia.errors import T2IMiaError
     try:
         sys.exit(main())
     except T2IMiaError as e:  # a bad file: one clear line, exit status 2, nothing written

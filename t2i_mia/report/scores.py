@@ -34,9 +34,17 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from t2i_mia.adversary.evaluation import ATTACKS, AuditScores
+import t2i_mia
+from t2i_mia.adversary.evaluation import (
+    ATTACKS,
+    CALIBRATED,
+    AuditScores,
+    evaluate_scores,
+    white_box_entry,
+)
 from t2i_mia.errors import DataError
-from t2i_mia.report.writer import write_text_atomic
+from t2i_mia.parallel.distributed import is_primary
+from t2i_mia.report.writer import SCHEMA_VERSION, write_text_atomic
 
 SCORES_VERSION = 1
 _HEADER = "# t2i-mia scores "
@@ -102,7 +110,6 @@ def write_scores(out_dir: str, sc: AuditScores, train_ids: Sequence[int],
         return [[str(int(i)), str(int(lab)), set_name] + [d[j] for d in data]
                 for j, (i, lab) in enumerate(zip(ids, labels))]
 
-    from t2i_mia.parallel.distributed import is_primary
     meta = {"version": SCORES_VERSION, **meta}
     paths = {"scores": os.path.join(out_dir, "scores.csv")}
     if not is_primary():
@@ -241,10 +248,6 @@ def read_scores(path: str, null_path: str | None = None) -> tuple[AuditScores, d
 
 def report_from_scores(sc: AuditScores, meta: Mapping) -> tuple[dict, dict]:
     """(report dict, ROC curves) from scores alone, as the audit computes them."""
-    import t2i_mia
-    from t2i_mia.adversary.evaluation import CALIBRATED, evaluate_scores, white_box_entry
-    from t2i_mia.report.writer import SCHEMA_VERSION
-
     n_boot, seed = int(meta["n_bootstrap"]), int(meta["attack_seed"])
     attacks, controls, curves = evaluate_scores(sc, n_boot, seed)
     if CALIBRATED in attacks:

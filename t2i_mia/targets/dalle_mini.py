@@ -26,7 +26,6 @@ or dalle-mini's ``vocab.json`` + ``merges.txt``).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import math
 import os
@@ -39,7 +38,7 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from t2i_mia.config import Config, DalleSampleConfig
+from t2i_mia.config import DalleSampleConfig
 from t2i_mia.errors import ConfigError, DataError
 from t2i_mia.models import dallebart as db
 from t2i_mia.models import vqgan as vq
@@ -48,8 +47,10 @@ from t2i_mia.models.tokenizer import TextTokenizer
 from t2i_mia.parallel.mesh import batch_sharding, pad_batch, replicated, shard_batch
 from t2i_mia.targets.ldm import to_uint8
 from t2i_mia.targets.protocol import image_keys
-from t2i_mia.training.dalle_train import (encode_tokens, token_nll, train_dallebart,
-                                          train_vqgan, vqgan_stats)
+from t2i_mia.training.dalle_train import (
+    encode_tokens,
+    token_nll,
+)
 
 log = logging.getLogger(__name__)
 PyTree = Any
@@ -136,7 +137,6 @@ class DalleMiniTarget:
       seed: root seed of the per-image keys.
       mesh: device mesh; rows are sharded over its ``data`` axis.
     """
-
     def __init__(self, vqgan_cfg: vq.VQGANConfig, vqgan_params: PyTree,
                  bart_cfg: db.DalleBartConfig, bart_params: PyTree, tokenizer: TextTokenizer,
                  sample: DalleSampleConfig, seed: int, mesh: Mesh, name: str = "dalle-mini"):
@@ -297,160 +297,3 @@ def save_dalle_mini(folder: str | os.PathLike, comps: DalleMiniComponents) -> No
     vq.save_vqgan(os.path.join(folder, VQGAN_DIR), comps.vqgan_cfg, comps.vqgan_params)
     db.save_dallebart(os.path.join(folder, BART_DIR), comps.bart_cfg, comps.bart_params)
     comps.tokenizer.save(os.path.join(folder, TOKENIZER_DIR))
-
-
-# ----------------------------------------------------------------------------- training + cache
-
-def _bart_config(cfg: Config, vqgan_cfg: vq.VQGANConfig, tokenizer: TextTokenizer
-                 ) -> db.DalleBartConfig:
-    """``dalle.bart`` checked against the VQGAN, the image size and the tokenizer."""
-    bart = db.DalleBartConfig.from_dict(dict(cfg.dalle.bart), "config 'dalle.bart'")
-    if bart.image_vocab_size != vqgan_cfg.n_embed:
-        raise ConfigError(f"config 'dalle.bart.image_vocab_size' = {bart.image_vocab_size} must "
-                          f"equal 'dalle.vqgan.n_embed' = {vqgan_cfg.n_embed}")
-    side = cfg.data.image_size // vqgan_cfg.downsample_factor
-    if bart.image_length != side * side:
-        raise ConfigError(f"config 'dalle.bart.image_length' = {bart.image_length}: "
-                          f"{cfg.data.image_size}px images make {side}x{side} = {side * side} "
-                          f"tokens with the VQGAN's factor {vqgan_cfg.downsample_factor}")
-    if tokenizer.vocab_size > bart.encoder_vocab_size:
-        raise ConfigError(f"config 'dalle.bart.encoder_vocab_size' = {bart.encoder_vocab_size} "
-                          f"is below the tokenizer's {tokenizer.vocab_size} ids "
-                          "('dalle.vocab_size')")
-    return bart
-
-
-def train_or_load_vqgan(cfg: Config, images: np.ndarray, images_hash: str, cache, mesh: Mesh
-                        ) -> tuple[vq.VQGANConfig, PyTree, str]:
-    """The VQGAN shared by target and shadow, trained on ``pretrain``; returns (config,
-    params, its cache key)."""
-    from t2i_mia.targets.factory import cache_key
-    vqgan_cfg = vq.VQGANConfig.from_dict(dict(cfg.dalle.vqgan), "config 'dalle.vqgan'")
-    vq.check_image_size(vqgan_cfg, (1, cfg.data.image_size, cfg.data.image_size, 3),
-                        f"data.image_size = {cfg.data.image_size}")
-    key = cache_key("vqgan", cfg.dalle.vqgan, cfg.dalle.vqgan_train.__dict__, images_hash,
-                    cfg.seed, cfg.data.image_size)
-    folder = cache.model_dir("vqgan", key)
-    if cache.done("vqgan", key):
-        log.info("vqgan: cached %s", folder)
-        c, p = vq.load_vqgan(folder)
-        return c, p, key
-    params = train_vqgan(vqgan_cfg, images, cfg.dalle.vqgan_train, seed=cfg.seed, mesh=mesh,
-                         ckpt_dir=cache.ckpt_dir("vqgan", key))
-    vq.save_vqgan(folder, vqgan_cfg, params)
-    stats = vqgan_stats(vqgan_cfg, params, images[: min(len(images), 512)], mesh)
-    cache.mark_done("vqgan", key, {"trained_on": "pretrain", "n": int(len(images)), **stats})
-    return vqgan_cfg, params, key
-
-
-def train_or_load_dalle_tokenizer(cfg: Config, captions: list[str], captions_hash: str, cache
-                                  ) -> TextTokenizer:
-    """A BPE on the ``pretrain`` captions (shared by target and shadow), rows of
-    ``dalle.bart.max_text_length``."""
-    from t2i_mia.targets.factory import cache_key
-    bart = db.DalleBartConfig.from_dict(dict(cfg.dalle.bart), "config 'dalle.bart'")
-    key = cache_key("dalle-tokenizer", cfg.dalle.vocab_size, bart.max_text_length,
-                    bart.normalize_text, captions_hash)
-    folder = cache.model_dir("dalle-tokenizer", key)
-    if cache.done("dalle-tokenizer", key):
-        return TextTokenizer.from_folder(folder)
-    if bart.normalize_text:
-        captions = [normalize_text(c) for c in captions]
-    tok = TextTokenizer.train(captions, vocab_size=cfg.dalle.vocab_size,
-                              max_length=bart.max_text_length)
-    tok.save(folder)
-    cache.mark_done("dalle-tokenizer", key, {"trained_on": "pretrain captions"})
-    return tok
-
-
-def train_or_load_dalle(cfg: Config, name: str, images: np.ndarray, captions: list[str],
-                        members_hash: str, vqgan: tuple, tokenizer: TextTokenizer, cache,
-                        mesh: Mesh) -> DalleMiniComponents:
-    """A DalleBart trained on ``images``/``captions`` (a model's members) over the shared
-    VQGAN and tokenizer; cached as a DALL-E mini folder."""
-    from t2i_mia.targets.factory import cache_key
-    vqgan_cfg, vqgan_params, vqgan_key = vqgan
-    bart = _bart_config(cfg, vqgan_cfg, tokenizer)
-    dropout = getattr(cfg.dalle, "caption_dropout", CAPTION_DROPOUT)
-    key = cache_key("dalle", cfg.dalle.bart, cfg.dalle.vocab_size, cfg.dalle.train.__dict__,
-                    dropout, vqgan_key, members_hash, cfg.seed, cfg.data.image_size)
-    folder = cache.model_dir(f"dalle-{name}", key)
-    if cache.done(f"dalle-{name}", key):
-        log.info("dalle-mini %s: cached %s", name, folder)
-        return load_dalle_mini(folder)
-    tokens = encode_tokens(vqgan_cfg, vqgan_params, images, mesh)
-    ids, mask = tokenize_captions(captions, tokenizer, bart)
-    u_ids, u_mask = empty_caption(tokenizer, bart)
-    # A different seed per model so target and shadow are independent draws.
-    seed = cfg.seed * 1000 + (int(hashlib.sha256(name.encode()).hexdigest(), 16) % 997)
-    params = train_dallebart(bart, ids, mask, tokens, u_ids, u_mask, cfg.dalle.train,
-                             caption_dropout=dropout, seed=seed, mesh=mesh,
-                             ckpt_dir=cache.ckpt_dir(f"dalle-{name}", key))
-    comps = DalleMiniComponents(vqgan_cfg, vqgan_params, bart, params, tokenizer)
-    save_dalle_mini(folder, comps)
-    cache.mark_done(f"dalle-{name}", key, {"trained_on": name, "n": int(len(images))})
-    return comps
-
-
-def build_dalle_models(cfg: Config, paths, dataset, manifest, cache, mesh: Mesh, timer):
-    """The audit's models for ``--target dalle-mini`` (mirrors the LDM's): a VQGAN and a BPE
-    tokenizer trained on ``pretrain``; the target trained on
-    ``manifest.target_training_ids()`` (or loaded from ``paths.target_dir``, whose image
-    size is checked against ``data.image_size`` before anything trains); one model on
-    ``shadow_members`` that is the shadow (aux_mode shadow) and in every mode the null
-    target. Returns :class:`t2i_mia.audit.Models`."""
-    from t2i_mia.targets.protocol import Models
-    from t2i_mia.targets import factory
-
-    def split(name):
-        ids = manifest.ids(name)
-        images, captions = dataset.get_many(ids)
-        return images, captions, factory.ids_hash(manifest.hashes(name))
-
-    loaded = None
-    if paths.target_dir:  # checked before anything is trained
-        with timer.phase("target"):
-            loaded = load_dalle_mini(paths.target_dir)
-            size = check_components(loaded.vqgan_cfg, loaded.bart_cfg, loaded.tokenizer,
-                                    paths.target_dir)
-            if size != cfg.data.image_size:
-                raise ConfigError(f"{paths.target_dir}: the model makes {size}px images but "
-                                  f"data.image_size is {cfg.data.image_size}")
-    pre_images, pre_captions, pre_hash = split("pretrain")
-    with timer.phase("autoencoder"):
-        vqgan = train_or_load_vqgan(cfg, pre_images, pre_hash, cache, mesh)
-        tok = train_or_load_dalle_tokenizer(cfg, pre_captions, pre_hash, cache)
-    sample = cfg.dalle.sample
-    with timer.phase("target"):
-        if loaded is not None:
-            comps = loaded
-        else:
-            # Known members (partial-knowledge mode) are members too: the target trains on them.
-            ids = manifest.target_training_ids()
-            im, cap = dataset.get_many(ids)
-            h = factory.ids_hash(manifest.hashes("target_members")
-                                 + manifest.hashes("target_known_members"))
-            comps = train_or_load_dalle(cfg, "target", im, cap, h, vqgan, tok, cache, mesh)
-        target = DalleMiniTarget.from_components(comps, sample, seed=cfg.seed, mesh=mesh,
-                                                 name="target")
-    with timer.phase("shadow" if cfg.adversary.aux_mode == "shadow" else "null_model"):
-        im, cap, h = split("shadow_members")
-        s_comps = train_or_load_dalle(cfg, "shadow", im, cap, h, vqgan, tok, cache, mesh)
-        shadow = DalleMiniTarget.from_components(s_comps, sample, seed=cfg.seed + 1, mesh=mesh,
-                                                 name="shadow")
-    refs, ref_info = [], []
-    with timer.phase("reference"):
-        for r in range(cfg.adversary.n_reference):
-            name = f"reference_{r}"
-            ids, hashes = factory.model_members(manifest, name)
-            im, cap = dataset.get_many(ids)
-            comps_r = train_or_load_dalle(cfg, name, im, cap, factory.ids_hash(hashes), vqgan,
-                                          tok, cache, mesh)
-            refs.append(DalleMiniTarget.from_components(comps_r, sample, seed=cfg.seed + 2 + r,
-                                                        mesh=mesh, name=name))
-            ref_info.append(factory.model_info(manifest, name))
-    extra = dict(references=refs, null_info=factory.model_info(manifest, "shadow"),
-                 reference_info=ref_info)
-    if cfg.adversary.aux_mode == "shadow":
-        return Models(target=target, attack_source=shadow, null=shadow, white_box=shadow, **extra)
-    return Models(target=target, attack_source=target, null=shadow, white_box=target, **extra)

@@ -25,6 +25,11 @@ from jax.sharding import Mesh
 from t2i_mia.config import Config
 from t2i_mia.errors import CheckpointError, ConfigError, DataError
 from t2i_mia.models import formats
+from t2i_mia.models import vqgan as vq
+from t2i_mia.models.ldm import check_not_lora_or_single_file, load_stable_diffusion
+from t2i_mia.targets.dalle_mini import DalleMiniTarget, load_dalle_mini
+from t2i_mia.targets.generations import GenerationsTarget, first_image_size
+from t2i_mia.targets.ldm import LDMTarget
 
 
 def checkpoint_image_size(kind: str, folder: str) -> int:
@@ -32,7 +37,6 @@ def checkpoint_image_size(kind: str, folder: str) -> int:
     if not folder or not os.path.exists(folder):
         raise ConfigError(f"--target-dir {folder}: no such folder (a {kind} checkpoint)")
     if kind == "ldm":
-        from t2i_mia.models.ldm import check_not_lora_or_single_file
         check_not_lora_or_single_file(folder)
         path = os.path.join(folder, "vae", "config.json")
         if not os.path.isfile(path):
@@ -44,7 +48,6 @@ def checkpoint_image_size(kind: str, folder: str) -> int:
                                   f"(an integer >= 8), got {size!r}")
         return size
     if kind == "dalle-mini":
-        from t2i_mia.models import vqgan as vq
         b_path = os.path.join(folder, "dallebart", "config.json")
         v_path = os.path.join(folder, "vqgan", "config.json")
         for p in (b_path, v_path):
@@ -59,7 +62,6 @@ def checkpoint_image_size(kind: str, folder: str) -> int:
         vq_cfg = vq.VQGANConfig.from_dict(formats.read_json(v_path), v_path)
         return side * vq_cfg.downsample_factor
     if kind == "generations":
-        from t2i_mia.targets.generations import first_image_size
         return first_image_size(folder)
     raise ConfigError(f"--target {kind}: expected one of ldm, dalle-mini, generations")
 
@@ -70,16 +72,12 @@ def load_model(kind: str, folder: str, cfg: Config, image_size: int, seed: int, 
     errors (``target``, ``shadow``, ``null``). A model whose image size differs from
     ``image_size`` (the audited one's) is an error naming the folder."""
     if kind == "ldm":
-        from t2i_mia.models.ldm import load_stable_diffusion
-        from t2i_mia.targets.ldm import LDMTarget
         model = LDMTarget(load_stable_diffusion(folder), cfg.ldm.sample, seed=seed, mesh=mesh,
                           name=name)
     elif kind == "dalle-mini":
-        from t2i_mia.targets.dalle_mini import DalleMiniTarget, load_dalle_mini
         model = DalleMiniTarget.from_components(load_dalle_mini(folder), cfg.dalle.sample,
                                                 seed=seed, mesh=mesh, name=name)
     elif kind == "generations":
-        from t2i_mia.targets.generations import GenerationsTarget
         model = GenerationsTarget(folder, image_size)
     else:
         raise ConfigError(f"--target {kind}: expected one of ldm, dalle-mini, generations")

@@ -1,4 +1,5 @@
-"""Builds targets from a config: load a checkpoint, or train (and cache) one here.
+"""Trains (and caches) the models of an audit from a config: the LDM's autoencoder,
+tokenizer and U-Nets, DALL-E mini's VQGAN, tokenizer and DalleBarts.
 
 A trained model is reused from ``--work-dir`` only when its cache key matches: the hash of
 the resolved training config + the split-manifest hash of its training split + seed +
@@ -8,6 +9,7 @@ folders, so ``--target-dir`` loads them like any public checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -19,9 +21,28 @@ from jax.sharding import Mesh
 
 import t2i_mia
 from t2i_mia.config import Config
-from t2i_mia.models import formats
+from t2i_mia.errors import ConfigError
+from t2i_mia.models import autoencoder_kl, formats, schedulers
+from t2i_mia.models import dallebart as db
+from t2i_mia.models import unet as unet_lib
+from t2i_mia.models import vqgan as vq
+from t2i_mia.models.clip import CLIPTextConfig
+from t2i_mia.models.ldm import LDMComponents, load_stable_diffusion, save_stable_diffusion
+from t2i_mia.models.text_normalize import normalize_text
+from t2i_mia.models.tokenizer import TextTokenizer
+from t2i_mia.targets.dalle_mini import (
+    CAPTION_DROPOUT,
+    DalleMiniComponents,
+    empty_caption,
+    load_dalle_mini,
+    save_dalle_mini,
+    tokenize_captions,
+)
+from t2i_mia.training.dalle_train import encode_tokens, train_dallebart, train_vqgan, vqgan_stats
+from t2i_mia.training.ldm_train import encode_latents, train_autoencoder, train_ldm
 
 log = logging.getLogger(__name__)
+PyTree = Any
 
 
 def cache_key(*parts: Any) -> str:
@@ -38,7 +59,6 @@ def ids_hash(hashes: list[str]) -> str:
 class ModelCache:
     """``<work_dir>/models/<name>-<key>/`` holds a finished model and ``cache.json``;
     ``<work_dir>/ckpt/<name>-<key>/`` holds its training checkpoints (resume)."""
-
     def __init__(self, work_dir: str):
         self.work_dir = work_dir
 
@@ -56,11 +76,11 @@ class ModelCache:
                            {"key": key, "version": t2i_mia.__version__, **info})
 
 
+# ----------------------------------------------------------------------------- LDM
+
 def train_or_load_autoencoder(cfg: Config, pretrain_images: np.ndarray, pretrain_hash: str,
                               cache: ModelCache, mesh: Mesh):
     """The autoencoder shared by target and shadow, trained on ``pretrain``."""
-    from t2i_mia.models import autoencoder_kl
-    from t2i_mia.training.ldm_train import train_autoencoder
     vae_cfg = autoencoder_kl.AutoencoderKLConfig.from_dict(cfg.ldm.vae, "config 'ldm.vae'")
     key = cache_key("vae", cfg.ldm.vae, cfg.ldm.vae_train.__dict__, cfg.ldm.vae_kl_weight,
                     pretrain_hash, cfg.seed)
@@ -80,7 +100,6 @@ def train_or_load_tokenizer(cfg: Config, captions: list[str], captions_hash: str
                             cache: ModelCache):
     """The LDM's caption tokenizer: a BPE trained on the ``pretrain`` captions (shared by
     target and shadow: it is part of the public, non-member-specific pipeline)."""
-    from t2i_mia.models.tokenizer import TextTokenizer
     key = cache_key("tokenizer", cfg.ldm.vocab_size, cfg.ldm.max_text_length, captions_hash)
     folder = cache.model_dir("tokenizer", key)
     if cache.done("tokenizer", key):
@@ -97,13 +116,6 @@ def train_or_load_ldm(cfg: Config, name: str, images: np.ndarray, captions: list
                       members_hash: str, vae: tuple, tokenizer, cache: ModelCache, mesh: Mesh):
     """An LDM (U-Net + text encoder) trained on ``images``/``captions`` (a model's members);
     returns :class:`LDMComponents`. Cached as a Stable Diffusion folder."""
-    import dataclasses
-
-    from t2i_mia.models import schedulers, unet as unet_lib
-    from t2i_mia.models.clip import CLIPTextConfig
-    from t2i_mia.models.ldm import LDMComponents, load_stable_diffusion, save_stable_diffusion
-    from t2i_mia.training.ldm_train import encode_latents, train_ldm
-
     vae_cfg, vae_params = vae
     train_section = {k: v for k, v in dataclasses.asdict(cfg.ldm).items()
                      if k not in ("vae", "vae_train", "vae_kl_weight", "sample")}
@@ -180,3 +192,93 @@ def ldm_for(cfg: Config, name: str, dataset, manifest, base, cache: ModelCache, 
     vae, tok = base
     return train_or_load_ldm(cfg, name, images, captions, ids_hash(hashes), vae, tok, cache,
                              mesh)
+
+
+# ----------------------------------------------------------------------------- DALL-E mini
+
+def _bart_config(cfg: Config, vqgan_cfg: vq.VQGANConfig, tokenizer: TextTokenizer
+                 ) -> db.DalleBartConfig:
+    """``dalle.bart`` checked against the VQGAN, the image size and the tokenizer."""
+    bart = db.DalleBartConfig.from_dict(dict(cfg.dalle.bart), "config 'dalle.bart'")
+    if bart.image_vocab_size != vqgan_cfg.n_embed:
+        raise ConfigError(f"config 'dalle.bart.image_vocab_size' = {bart.image_vocab_size} must "
+                          f"equal 'dalle.vqgan.n_embed' = {vqgan_cfg.n_embed}")
+    side = cfg.data.image_size // vqgan_cfg.downsample_factor
+    if bart.image_length != side * side:
+        raise ConfigError(f"config 'dalle.bart.image_length' = {bart.image_length}: "
+                          f"{cfg.data.image_size}px images make {side}x{side} = {side * side} "
+                          f"tokens with the VQGAN's factor {vqgan_cfg.downsample_factor}")
+    if tokenizer.vocab_size > bart.encoder_vocab_size:
+        raise ConfigError(f"config 'dalle.bart.encoder_vocab_size' = {bart.encoder_vocab_size} "
+                          f"is below the tokenizer's {tokenizer.vocab_size} ids "
+                          "('dalle.vocab_size')")
+    return bart
+
+
+def train_or_load_vqgan(cfg: Config, images: np.ndarray, images_hash: str, cache, mesh: Mesh
+                        ) -> tuple[vq.VQGANConfig, PyTree, str]:
+    """The VQGAN shared by target and shadow, trained on ``pretrain``; returns (config,
+    params, its cache key)."""
+    vqgan_cfg = vq.VQGANConfig.from_dict(dict(cfg.dalle.vqgan), "config 'dalle.vqgan'")
+    vq.check_image_size(vqgan_cfg, (1, cfg.data.image_size, cfg.data.image_size, 3),
+                        f"data.image_size = {cfg.data.image_size}")
+    key = cache_key("vqgan", cfg.dalle.vqgan, cfg.dalle.vqgan_train.__dict__, images_hash,
+                    cfg.seed, cfg.data.image_size)
+    folder = cache.model_dir("vqgan", key)
+    if cache.done("vqgan", key):
+        log.info("vqgan: cached %s", folder)
+        c, p = vq.load_vqgan(folder)
+        return c, p, key
+    params = train_vqgan(vqgan_cfg, images, cfg.dalle.vqgan_train, seed=cfg.seed, mesh=mesh,
+                         ckpt_dir=cache.ckpt_dir("vqgan", key))
+    vq.save_vqgan(folder, vqgan_cfg, params)
+    stats = vqgan_stats(vqgan_cfg, params, images[: min(len(images), 512)], mesh)
+    cache.mark_done("vqgan", key, {"trained_on": "pretrain", "n": int(len(images)), **stats})
+    return vqgan_cfg, params, key
+
+
+def train_or_load_dalle_tokenizer(cfg: Config, captions: list[str], captions_hash: str, cache
+                                  ) -> TextTokenizer:
+    """A BPE on the ``pretrain`` captions (shared by target and shadow), rows of
+    ``dalle.bart.max_text_length``."""
+    bart = db.DalleBartConfig.from_dict(dict(cfg.dalle.bart), "config 'dalle.bart'")
+    key = cache_key("dalle-tokenizer", cfg.dalle.vocab_size, bart.max_text_length,
+                    bart.normalize_text, captions_hash)
+    folder = cache.model_dir("dalle-tokenizer", key)
+    if cache.done("dalle-tokenizer", key):
+        return TextTokenizer.from_folder(folder)
+    if bart.normalize_text:
+        captions = [normalize_text(c) for c in captions]
+    tok = TextTokenizer.train(captions, vocab_size=cfg.dalle.vocab_size,
+                              max_length=bart.max_text_length)
+    tok.save(folder)
+    cache.mark_done("dalle-tokenizer", key, {"trained_on": "pretrain captions"})
+    return tok
+
+
+def train_or_load_dalle(cfg: Config, name: str, images: np.ndarray, captions: list[str],
+                        members_hash: str, vqgan: tuple, tokenizer: TextTokenizer, cache,
+                        mesh: Mesh) -> DalleMiniComponents:
+    """A DalleBart trained on ``images``/``captions`` (a model's members) over the shared
+    VQGAN and tokenizer; cached as a DALL-E mini folder."""
+    vqgan_cfg, vqgan_params, vqgan_key = vqgan
+    bart = _bart_config(cfg, vqgan_cfg, tokenizer)
+    dropout = getattr(cfg.dalle, "caption_dropout", CAPTION_DROPOUT)
+    key = cache_key("dalle", cfg.dalle.bart, cfg.dalle.vocab_size, cfg.dalle.train.__dict__,
+                    dropout, vqgan_key, members_hash, cfg.seed, cfg.data.image_size)
+    folder = cache.model_dir(f"dalle-{name}", key)
+    if cache.done(f"dalle-{name}", key):
+        log.info("dalle-mini %s: cached %s", name, folder)
+        return load_dalle_mini(folder)
+    tokens = encode_tokens(vqgan_cfg, vqgan_params, images, mesh)
+    ids, mask = tokenize_captions(captions, tokenizer, bart)
+    u_ids, u_mask = empty_caption(tokenizer, bart)
+    # A different seed per model so target and shadow are independent draws.
+    seed = cfg.seed * 1000 + (int(hashlib.sha256(name.encode()).hexdigest(), 16) % 997)
+    params = train_dallebart(bart, ids, mask, tokens, u_ids, u_mask, cfg.dalle.train,
+                             caption_dropout=dropout, seed=seed, mesh=mesh,
+                             ckpt_dir=cache.ckpt_dir(f"dalle-{name}", key))
+    comps = DalleMiniComponents(vqgan_cfg, vqgan_params, bart, params, tokenizer)
+    save_dalle_mini(folder, comps)
+    cache.mark_done(f"dalle-{name}", key, {"trained_on": name, "n": int(len(images))})
+    return comps

@@ -31,12 +31,22 @@ from jax.sharding import Mesh
 
 from t2i_mia.config import TrainConfig
 from t2i_mia.errors import ConfigError, DataError
-from t2i_mia.models.clip import (CLIPConfig, CLIPModel, clip_contrastive_loss, init_clip,
-                                 preprocess_images)
+from t2i_mia.models.clip import (
+    CLIPConfig,
+    CLIPModel,
+    clip_contrastive_loss,
+    init_clip,
+    preprocess_images,
+)
 from t2i_mia.models.tokenizer import TextTokenizer
 from t2i_mia.parallel.mesh import make_mesh
-from t2i_mia.training.loop import (create_train_state, epoch_batches, jit_train_step,
-                                   make_train_step, run_training)
+from t2i_mia.training.loop import (
+    create_train_state,
+    epoch_batches,
+    jit_train_step,
+    make_train_step,
+    run_training,
+)
 
 PyTree = Any
 

@@ -1,4 +1,5 @@
-"""The audit, end to end: data -> splits -> targets -> adversary -> report.
+"""The audit, end to end: data -> splits -> targets -> adversary -> report, as one function
+(:func:`run_audit`) over the layers below it.
 
 Phases (each timed in ``report.timings_s``):
 
@@ -37,30 +38,42 @@ is ``adversary.encoder.dir`` or trained on ``--aux``.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import logging
 import os
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 import t2i_mia
-from t2i_mia.adversary import features as F
 from t2i_mia.adversary import metrics as M
-from t2i_mia.adversary.evaluation import (FeatureSets, blind_scores, calibrate,
-                                          evaluate_scores, query_features, score_attacks,
-                                          white_box_entry)
-from t2i_mia.cli import RunPaths
+from t2i_mia.adversary.captioner import RetrievalCaptioner
+from t2i_mia.adversary.encoder import load_encoder, train_or_load_encoder
+from t2i_mia.adversary.evaluation import (
+    FeatureSets,
+    blind_scores,
+    calibrate,
+    evaluate_scores,
+    query_features,
+    score_attacks,
+    white_box_entry,
+)
+from t2i_mia.adversary.features import attack_features
 from t2i_mia.config import Config
+from t2i_mia.data.member_sets import explicit_manifest, read_member_sets
+from t2i_mia.data.sources import open_dataset
+from t2i_mia.data.splits import build_splits
 from t2i_mia.errors import ConfigError, DataError
+from t2i_mia.models.configs import check_model_configs
 from t2i_mia.parallel.mesh import make_mesh
-from t2i_mia.targets.external import sampler_note
-from t2i_mia.targets.factory import ModelCache
-from t2i_mia.targets.protocol import Models
+from t2i_mia.pipeline.paths import RunPaths
+from t2i_mia.report.scores import write_scores
+from t2i_mia.report.writer import SCHEMA_VERSION, format_table, write_report
+from t2i_mia.targets.builders import build_models
+from t2i_mia.targets.external import checkpoint_image_size, sampler_note
+from t2i_mia.targets.factory import ModelCache, ids_hash
+from t2i_mia.timing import Timer
 
 log = logging.getLogger(__name__)
 
@@ -89,35 +102,11 @@ class QuerySet:
         return QuerySet(name, ids, images, captions, labels)
 
 
-class Timer:
-    def __init__(self):
-        self.timings: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def phase(self, name: str):
-        log.info("phase %s ...", name)
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            dt = time.perf_counter() - t0
-            self.timings[name] = self.timings.get(name, 0.0) + dt
-            log.info("phase %s done in %.1f s", name, dt)
-
-
 # ----------------------------------------------------------------------------- data
-
-def build_dataset(cfg: Config, n_needed: int):
-    """The configured data source as a Dataset."""
-    from t2i_mia.data.sources import open_dataset
-    return open_dataset(cfg, n_needed)
-
 
 def build_member_sets(cfg: Config, paths: RunPaths):
     """Explicit sets: (dataset, manifest, MemberSets, image size), validated at the size of
     the checkpoint in ``paths.target_dir`` (read from its config files only)."""
-    from t2i_mia.data.member_sets import explicit_manifest, read_member_sets
-    from t2i_mia.targets.external import checkpoint_image_size
     if not paths.target_dir:
         raise ConfigError("--members/--nonmembers audit a given model: give its checkpoint "
                           "with --target-dir")
@@ -143,112 +132,11 @@ def query_sets_info(ms, manifest) -> dict:
     return out
 
 
-def build_splits(cfg: Config, dataset):
-    from t2i_mia.data.splits import SplitSizes, make_splits
-    sizes = SplitSizes(**dataclasses.asdict(cfg.data.splits))
-    manifest = make_splits(dataset, sizes, seed=cfg.seed)
-    manifest.check_disjoint()
-    return manifest
-
-
-# ----------------------------------------------------------------------------- features
-
-def attack_features(encoder, query: QuerySet, gen: jax.Array, captions: list[str],
-                    coarse_side: int = 8) -> dict[str, np.ndarray]:
-    """All features of one query set; ``gen`` uint8[N,k,H,W,3] (on device)."""
-    n, k = gen.shape[:2]
-    q = jnp.asarray(query.images)
-    feats = dict(F.pixel_features(F.to_unit_float(q), F.to_unit_float(gen),
-                                  coarse_side=coarse_side))
-    q_emb = encoder.embed_images(q)
-    g_emb = encoder.embed_images(gen.reshape((n * k,) + gen.shape[2:])).reshape(n, k, -1)
-    t_emb = encoder.embed_texts(captions)
-    feats.update(F.semantic_features(q_emb, g_emb))
-    feats.update(F.faithfulness_features(t_emb, g_emb))
-    return {name: np.asarray(v) for name, v in feats.items()}
-
-
-# ----------------------------------------------------------------------------- models
-
-def _build_ldm_models(cfg: Config, paths: RunPaths, dataset, manifest, cache: ModelCache,
-                      mesh, timer: Timer, need_target: bool = True) -> Models:
-    from t2i_mia.models.ldm import load_stable_diffusion
-    from t2i_mia.targets import factory
-    from t2i_mia.targets.ldm import LDMTarget
-
-    with timer.phase("autoencoder"):
-        base = factory.ldm_base(cfg, dataset, manifest, cache, mesh)
-    sample = cfg.ldm.sample
-    target = None
-    if need_target:
-        with timer.phase("target"):
-            if paths.target_dir:
-                comps = load_stable_diffusion(paths.target_dir)
-                if comps.vae_cfg.sample_size != cfg.data.image_size:
-                    raise ConfigError(
-                        f"{paths.target_dir}: the model makes {comps.vae_cfg.sample_size}px "
-                        f"images but data.image_size is {cfg.data.image_size}")
-            else:
-                comps = factory.ldm_for(cfg, "target", dataset, manifest, base, cache, mesh)
-            target = LDMTarget(comps, sample, seed=cfg.seed, mesh=mesh, name="target")
-    # One model trained on shadow_members: the shadow (shadow mode) and in every mode the
-    # null target (its training data is disjoint from the evaluated members).
-    with timer.phase("shadow" if cfg.adversary.aux_mode == "shadow" else "null_model"):
-        s_comps = factory.ldm_for(cfg, "shadow", dataset, manifest, base, cache, mesh)
-        shadow = LDMTarget(s_comps, sample, seed=cfg.seed + 1, mesh=mesh, name="shadow")
-    refs, ref_info = [], []
-    with timer.phase("reference"):
-        for r in range(cfg.adversary.n_reference):
-            name = f"reference_{r}"
-            r_comps = factory.ldm_for(cfg, name, dataset, manifest, base, cache, mesh)
-            refs.append(LDMTarget(r_comps, sample, seed=cfg.seed + 2 + r, mesh=mesh, name=name))
-            ref_info.append(factory.model_info(manifest, name))
-    extra = dict(references=refs, null_info=factory.model_info(manifest, "shadow"),
-                 reference_info=ref_info)
-    if cfg.adversary.aux_mode == "shadow":
-        return Models(target=target, attack_source=shadow, null=shadow, white_box=shadow, **extra)
-    return Models(target=target, attack_source=target, null=shadow, white_box=target, **extra)
-
-
-def _build_generations_models(cfg, paths, dataset, manifest, cache, mesh, timer) -> Models:
-    from t2i_mia.targets.generations import GenerationsTarget
-    target = GenerationsTarget(paths.target_dir, cfg.data.image_size)
-    m = _build_ldm_models(cfg, paths, dataset, manifest, cache, mesh, timer, need_target=False)
-    # The shadow LDM is the adversary's own model; the audited images come from the folder.
-    src = m.attack_source if cfg.adversary.aux_mode == "shadow" else target
-    return dataclasses.replace(m, target=target, attack_source=src, white_box=None)
-
-
-def _build_external_models(cfg: Config, paths: RunPaths, image_size: int, mesh,
-                           timer: Timer) -> Models:
-    """The user's models: target, shadow (aux_mode shadow) and null target, loaded."""
-    from t2i_mia.targets.external import load_model
-    kind = cfg.target
-    with timer.phase("target"):
-        target = load_model(kind, paths.target_dir, cfg, image_size, cfg.seed, mesh, "target")
-    shadow = null = None
-    if cfg.adversary.aux_mode == "shadow":
-        with timer.phase("shadow"):
-            shadow = load_model(kind, paths.shadow_dir, cfg, image_size, cfg.seed + 1, mesh,
-                                "shadow")
-    if paths.null_target_dir:
-        with timer.phase("null_model"):
-            null = load_model(kind, paths.null_target_dir, cfg, image_size, cfg.seed + 1,
-                              mesh, "null")
-    source = {"shadow": shadow, "partial": target}.get(cfg.adversary.aux_mode)
-    white_box = None
-    if hasattr(target, "white_box_loss"):
-        white_box = shadow if cfg.adversary.aux_mode == "shadow" else target
-    return Models(target=target, attack_source=source, null=null, white_box=white_box)
-
-
 # ----------------------------------------------------------------------------- the audit
 
 def run_audit(cfg: Config, paths: RunPaths, progress: bool = True) -> dict:
     """Runs the whole audit and writes the report files; returns the report dict."""
-    from t2i_mia.report.scores import write_scores
-    from t2i_mia.report.writer import SCHEMA_VERSION, format_table, write_report
-
+    check_model_configs(cfg)
     timer = Timer()
     t_start = time.perf_counter()
     a = cfg.adversary
@@ -265,7 +153,7 @@ def run_audit(cfg: Config, paths: RunPaths, progress: bool = True) -> dict:
         else:
             s = cfg.data.splits
             n_needed = sum(dataclasses.asdict(s).values())
-            dataset = build_dataset(cfg, n_needed)
+            dataset = open_dataset(cfg, n_needed)
             manifest = build_splits(cfg, dataset)
         manifest_sha = manifest.sha256()
         evalset = QuerySet.of("eval", dataset, manifest.ids("target_members"),
@@ -286,19 +174,9 @@ def run_audit(cfg: Config, paths: RunPaths, progress: bool = True) -> dict:
                                 f"non-members; need at least {M.MIN_PER_CLASS} of each "
                                 "(data.splits)")
 
-    if explicit:
-        models = _build_external_models(cfg, paths, cfg.data.image_size, mesh, timer)
-    elif cfg.target == "ldm":
-        models = _build_ldm_models(cfg, paths, dataset, manifest, cache, mesh, timer)
-    elif cfg.target == "generations":
-        models = _build_generations_models(cfg, paths, dataset, manifest, cache, mesh, timer)
-    else:
-        from t2i_mia.targets.dalle_mini import build_dalle_models
-        models = build_dalle_models(cfg, paths, dataset, manifest, cache, mesh, timer)
+    models = build_models(cfg, paths, dataset, manifest, cache, mesh, timer)
 
     with timer.phase("encoder"):
-        from t2i_mia.adversary.encoder import load_encoder, train_or_load_encoder
-        from t2i_mia.targets.factory import ids_hash
         if a.encoder.dir:
             encoder = load_encoder(a.encoder.dir, mesh)
             encoder_info = {"source": a.encoder.dir}
@@ -317,7 +195,6 @@ def run_audit(cfg: Config, paths: RunPaths, progress: bool = True) -> dict:
             eval_caps = evalset.captions
             train_caps = trainset.captions if trainset is not None else None
         else:
-            from t2i_mia.adversary.captioner import RetrievalCaptioner
             pool = dataset.captions(manifest.ids("auxiliary"))
             captioner = RetrievalCaptioner(
                 encoder, pool,
@@ -344,13 +221,13 @@ def run_audit(cfg: Config, paths: RunPaths, progress: bool = True) -> dict:
         gen_null = (generate(models.null, eval_caps, evalset, "null")
                     if models.null is not None else None)
     with timer.phase("features"):
-        f_train = (attack_features(encoder, trainset, gen_train, train_caps, cs)
+        f_train = (attack_features(encoder, trainset.images, gen_train, train_caps, cs)
                    if trainset is not None else None)
-        f_eval = attack_features(encoder, evalset, gen_eval, eval_caps, cs)
+        f_eval = attack_features(encoder, evalset.images, gen_eval, eval_caps, cs)
         fs = FeatureSets(train=f_train,
                          train_labels=trainset.labels if trainset is not None else None,
                          eval=f_eval, eval_labels=evalset.labels,
-                         null=(attack_features(encoder, evalset, gen_null, eval_caps, cs)
+                         null=(attack_features(encoder, evalset.images, gen_null, eval_caps, cs)
                                if gen_null is not None else None))
         # the blind baseline sees the query alone: its image embedding and its caption
         blind_train = (query_features(f_train["semantic.emb_query"], trainset.captions)
@@ -365,9 +242,9 @@ def run_audit(cfg: Config, paths: RunPaths, progress: bool = True) -> dict:
             for ref in models.references:
                 if trainset is not None:
                     g = generate(ref, train_caps, trainset, f"{ref.name} attack-training")
-                    ref_train.append(attack_features(encoder, trainset, g, train_caps, cs))
+                    ref_train.append(attack_features(encoder, trainset.images, g, train_caps, cs))
                 g = generate(ref, eval_caps, evalset, f"{ref.name} evaluation")
-                ref_eval.append(attack_features(encoder, evalset, g, eval_caps, cs))
+                ref_eval.append(attack_features(encoder, evalset.images, g, eval_caps, cs))
             calibrated = FeatureSets(train=calibrate(fs.train, ref_train) if ref_train else None,
                                      train_labels=fs.train_labels,
                                      eval=calibrate(fs.eval, ref_eval),
