@@ -1,4 +1,4 @@
-"""The flags every entry point shares (see conventions: Command line), logging, the plan.
+"""The flags every entry point shares (docs/design.md: Command line), logging, the plan.
 
 Entry points (``attack``, ``train``, ``generate``) build their parser with
 :func:`make_parser`, then call :func:`resolve` to get a validated :class:`Config` and the

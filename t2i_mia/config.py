@@ -40,7 +40,7 @@ class MeshConfig:
 
 @dataclass
 class SplitsConfig:
-    """Number of examples per split of the manifest (see conventions: Data and splits)."""
+    """Number of examples per split of the manifest (docs/design.md: Data and splits)."""
     pretrain: int = 2000
     target_members: int = 500
     target_nonmembers: int = 500

@@ -110,7 +110,7 @@ def test_report_from_scores_csv_alone_reproduces_the_audit(base, tmp_path):
 
 
 def test_documented_ci_table_comes_from_the_code(base):
-    """README's ci table is generated (python -m t2i_mia.report.tables) from this audit's
+    """docs/results.md's ci table is generated (python -m t2i_mia.report.tables) from this audit's
     report: a fresh audit of the same seed must reproduce it. On a CPU of the kind it was
     generated on (recorded beside the table) the numbers agree; the tolerance of 0.03 per
     number leaves room for nothing but rounding of the printed digits and small float
@@ -122,12 +122,13 @@ def test_documented_ci_table_comes_from_the_code(base):
     import pathlib
     from t2i_mia.report import tables
     report, _ = base
-    readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    readme = (pathlib.Path(__file__).parent.parent / "docs" / "results.md").read_text()
     same_cpu = tables.read_machine(readme, "ci-seed0") == tables.machine_tag()
-    diffs = tables.check_block(tables.read_block(readme, "ci-seed0", "README.md"),
+    diffs = tables.check_block(tables.read_block(readme, "ci-seed0", "docs/results.md"),
                                tables.render(report), tol=0.03 if same_cpu else None)
-    assert not diffs, "README.md table ci-seed0 is stale; regenerate it with python -m " \
-        "t2i_mia.report.tables README.md ci-seed0=<out>/report.json:\n" + "\n".join(diffs)
+    assert not diffs, "docs/results.md table ci-seed0 is stale; regenerate it with python " \
+        "-m t2i_mia.report.tables docs/results.md ci-seed0=<out>/report.json:\n" + \
+        "\n".join(diffs)
 
 
 def test_manifest_is_disjoint_and_matches_report(base):

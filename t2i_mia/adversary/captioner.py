@@ -3,7 +3,7 @@
 The adversary who holds only the query image captions it, then queries the target with that
 caption. :class:`RetrievalCaptioner` returns, for each image, the ``auxiliary`` caption whose
 text embedding is nearest to the image embedding under the adversary's encoder. The pool is
-the auxiliary split alone (conventions: the captioner's pool is ``auxiliary``); captions whose
+the auxiliary split alone (docs/design.md: the captioner's pool is ``auxiliary``); captions whose
 text equals an evaluated query's caption are removed from it, so the captioner can never hand
 back a ground-truth caption it should not know.
 

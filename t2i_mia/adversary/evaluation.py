@@ -50,9 +50,9 @@ from t2i_mia.adversary.classifiers import MLPAttack, ThresholdAttack
 
 log = logging.getLogger(__name__)
 
-ATTACKS: tuple[str, ...] = tuple(F.ATTACKS)  # pixel, semantic, faithfulness, combined
-CALIBRATED = "calibrated"
-ALL_ATTACKS: tuple[str, ...] = ATTACKS + (CALIBRATED,)
+ATTACKS: tuple[str, ...] = F.ATTACK_NAMES  # pixel, semantic, faithfulness, combined
+CALIBRATED = F.CALIBRATED
+ALL_ATTACKS: tuple[str, ...] = F.ALL_ATTACKS
 NULL_ALARM_ALPHA = 0.05
 
 

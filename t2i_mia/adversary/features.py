@@ -5,7 +5,7 @@ work is a traced function mapped with ``jax.lax.map`` (optionally in vmapped chu
 ``batch_size`` queries to bound device memory), so there is no Python loop over samples and
 no host round trip until the caller reads the results.
 
-Feature names follow ``<attack>.<metric>.<agg>`` (conventions, "Report"):
+Feature names follow ``<attack>.<metric>.<agg>`` (docs/design.md, "Report"):
 
 * pixel (Attack I): ``pixel.mse.{min,mean}``, ``pixel.l1.{min,mean}``,
   ``pixel.ssim.{max,mean}``: per generated image, then aggregated over the k images; and
@@ -36,13 +36,17 @@ import numpy as np
 
 from t2i_mia.errors import ConfigError, DataError
 
-# attack -> feature-name prefixes it uses. Attack IV (combined) uses everything.
-ATTACKS: dict[str, list[str]] = {
-    "pixel": ["pixel."],
-    "semantic": ["semantic."],
-    "faithfulness": ["faithfulness."],
-    "combined": ["pixel.", "semantic.", "faithfulness."],
-}
+# The attacks' names, defined here only. The three families (attacks I-III) name their
+# features' prefix; attack IV (combined) uses every feature; the calibrated attack is
+# the families' scalar features calibrated against reference models.
+FAMILIES: tuple[str, ...] = ("pixel", "semantic", "faithfulness")
+COMBINED = "combined"
+CALIBRATED = "calibrated"
+ATTACK_NAMES: tuple[str, ...] = FAMILIES + (COMBINED,)  # the attacks with an MLP
+ALL_ATTACKS: tuple[str, ...] = ATTACK_NAMES + (CALIBRATED,)
+# attack -> feature-name prefixes it uses
+ATTACKS: dict[str, list[str]] = {**{f: [f + "."] for f in FAMILIES},
+                                 COMBINED: [f + "." for f in FAMILIES]}
 
 # The sign of each metric that makes "higher = member" (the paper's intuitions: a member's
 # generations are closer to it, more similar to it, more faithful to its caption); used

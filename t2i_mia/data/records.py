@@ -1,6 +1,6 @@
 """Records, content hashes, stable ids and the ``Dataset`` protocol.
 
-Content hash (the conventions' "SHA-256 of the decoded uint8 pixels and shape"), exactly::
+Content hash (docs/design.md: "SHA-256 of the decoded uint8 pixels and shape"), exactly::
 
     sha256( f"{H}x{W}x{C}".encode("ascii") + pixels.tobytes(order="C") ).hexdigest()
 

@@ -1,6 +1,6 @@
 """The split manifest: which stable ids (and content hashes) each role of the audit uses.
 
-Splits (conventions, "Data and splits"), filled in this order from one seeded permutation:
+Splits (docs/design.md, "Data and splits"), filled in this order from one seeded permutation:
 
 - ``pretrain``: autoencoder/VQGAN training, shared by target and shadow models;
 - ``target_members`` / ``target_nonmembers``: the evaluated members and non-members;

@@ -23,12 +23,13 @@ import re
 import sys
 from typing import Mapping
 
+from t2i_mia.adversary.features import ATTACK_NAMES
 from t2i_mia.errors import DataError
 from t2i_mia.report.writer import markdown_table, write_text_atomic
 
 _BEGIN = "<!-- t2i-mia:table {} -->"
 _END = "<!-- t2i-mia:end {} -->"
-_MLPS = ("pixel", "semantic", "faithfulness", "combined")
+_MLPS = ATTACK_NAMES
 
 
 def _ci(v, ci) -> str:

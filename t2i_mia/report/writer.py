@@ -32,7 +32,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from t2i_mia.adversary.evaluation import ALL_ATTACKS, CALIBRATED
+from t2i_mia.adversary.features import ALL_ATTACKS, CALIBRATED, FAMILIES
 from t2i_mia.adversary.metrics import METRIC_KEYS
 from t2i_mia.errors import DataError
 from t2i_mia.parallel.distributed import is_primary
@@ -41,8 +41,8 @@ from t2i_mia.report import plots
 SCHEMA_VERSION = 2
 ATTACK_NAMES = ALL_ATTACKS  # pixel, semantic, faithfulness, combined, calibrated
 CONTROL_NAMES = ("null_target", "shuffled_labels", "blind")
-_FAMILIES = ("pixel", "semantic", "faithfulness")
-_FEATURE_RE = re.compile(r"^(pixel|semantic|faithfulness)\.[A-Za-z0-9_]+\.[A-Za-z0-9_]+$")
+_FAMILIES = FAMILIES
+_FEATURE_RE = re.compile(rf"^({'|'.join(FAMILIES)})\.[A-Za-z0-9_]+\.[A-Za-z0-9_]+$")
 _NULL_KEYS = ("auc", "auc_ci", "p_value")
 _MODEL_KEYS = ("name", "split", "n_members", "members_sha256")
 _KNOWN_KEYS = {"schema_version", "target", "data", "n_eval", "k", "caption_source", "aux_mode",

@@ -3,7 +3,7 @@ tokenizer and U-Nets, DALL-E mini's VQGAN, tokenizer and DalleBarts.
 
 A trained model is reused from ``--work-dir`` only when its cache key matches: the hash of
 the resolved training config + the split-manifest hash of its training split + seed +
-package version (conventions: Caching). Trained LDMs are saved as Stable Diffusion Flax
+package version (docs/design.md: Caching). Trained LDMs are saved as Stable Diffusion Flax
 folders, so ``--target-dir`` loads them like any public checkpoint.
 """
 
