@@ -20,6 +20,7 @@ from jax.sharding import Mesh
 from t2i_mia.errors import CheckpointError
 from t2i_mia.models.clip import CLIP_MEAN, CLIP_STD, CLIPConfig, CLIPModel, load_clip, save_clip
 from t2i_mia.models.tokenizer import TextTokenizer
+from t2i_mia.parallel.batching import batched_apply
 from t2i_mia.parallel.mesh import batch_sharding, replicated
 from t2i_mia.targets.factory import cache_key
 from t2i_mia.training.clip_train import train_clip
@@ -69,17 +70,9 @@ class Encoder:
         self._txt = jax.jit(txt, out_shardings=batch_sharding(mesh, 2))
 
     def _batched(self, fn, *arrays):
-        bs = self.batch_size
-        n = arrays[0].shape[0]
-        outs = []
-        for i in range(0, n, bs):
-            chunk = [a[i: i + bs] for a in arrays]
-            m = chunk[0].shape[0]
-            if m < bs:
-                chunk = [jnp.concatenate([c, jnp.repeat(c[-1:], bs - m, 0)]) for c in chunk]
-            chunk = [jax.device_put(c, batch_sharding(self.mesh, c.ndim)) for c in chunk]
-            outs.append(fn(self.params, *chunk)[:m])
-        return jnp.concatenate(outs)
+        width = self.cfg.projection_dim
+        return batched_apply(fn, self.params, arrays, self.batch_size, self.mesh,
+                             to_host=False, empty=jnp.zeros((0, width), jnp.float32))
 
     def embed_images(self, images) -> jax.Array:
         """uint8[N,H,W,3] (numpy or on device) -> f32[N,P] on device."""

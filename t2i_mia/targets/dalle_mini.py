@@ -44,6 +44,7 @@ from t2i_mia.models import dallebart as db
 from t2i_mia.models import vqgan as vq
 from t2i_mia.models.text_normalize import fit_token_ids, normalize_text
 from t2i_mia.models.tokenizer import TextTokenizer
+from t2i_mia.parallel.batching import batched_apply
 from t2i_mia.parallel.mesh import batch_sharding, pad_batch, replicated, shard_batch
 from t2i_mia.targets.ldm import to_uint8
 from t2i_mia.targets.protocol import image_keys
@@ -255,15 +256,8 @@ class DalleMiniTarget:
             self._nll = jax.jit(lambda p, i, m, t: token_nll(cfg, p, i, m, t),
                                 in_shardings=(replicated(self.mesh), bs, bs, bs),
                                 out_shardings=batch_sharding(self.mesh, 1))
-        bs = self.batch_size
-        pad = lambda a: pad_batch(a, bs)[0]  # noqa: E731
-        out = []
-        for i in range(0, len(tokens), bs):
-            sl = slice(i, i + bs)
-            m = len(tokens[sl])
-            out.append(np.asarray(self._nll(self.params["bart"], pad(tok_ids[sl]),
-                                            pad(tok_mask[sl]), pad(tokens[sl])))[:m])
-        return np.concatenate(out) if out else np.zeros((0,), np.float32)
+        return batched_apply(self._nll, self.params["bart"], (tok_ids, tok_mask, tokens),
+                             self.batch_size, self.mesh, empty=np.zeros((0,), np.float32))
 
 
 # ----------------------------------------------------------------------------- folders

@@ -21,6 +21,7 @@ from t2i_mia.config import DiffusionSampleConfig
 from t2i_mia.models import autoencoder_kl, schedulers, unet as unet_lib
 from t2i_mia.models.clip import CLIPTextModel
 from t2i_mia.models.ldm import LDMComponents
+from t2i_mia.parallel.batching import batched_apply
 from t2i_mia.parallel.mesh import batch_sharding, pad_batch, replicated, shard_batch
 from t2i_mia.targets.protocol import image_keys
 from t2i_mia.training.ldm_train import diffusion_loss, encode_latents
@@ -151,11 +152,5 @@ class LDMTarget:
             self._loss = jax.jit(loss)
         keys = np.asarray(image_keys(jax.random.fold_in(self.root_key, 2**31 - 1), ids, 1)
                           ).reshape(len(ids), 2)
-        bs = self.batch_size
-        out = []
-        for i in range(0, len(ids), bs):
-            sl = slice(i, i + bs)
-            m = len(keys[sl])
-            out.append(np.asarray(self._loss(self.params, *(
-                pad_batch(a[sl], bs)[0] for a in (latents, tok_ids, tok_mask, keys))))[:m])
-        return np.concatenate(out)
+        return batched_apply(self._loss, self.params, (latents, tok_ids, tok_mask, keys),
+                             self.batch_size, self.mesh, empty=np.zeros((0,), np.float32))

@@ -31,6 +31,7 @@ from t2i_mia.config import TrainConfig
 from t2i_mia.errors import DataError
 from t2i_mia.models import dallebart as db
 from t2i_mia.models import vqgan as vq
+from t2i_mia.parallel.batching import batched_apply
 from t2i_mia.parallel.mesh import batch_sharding, replicated
 from t2i_mia.training.ldm_train import _round_batch, make_optimizer, to_unit_range
 from t2i_mia.training.loop import (create_train_state, epoch_batches, jit_train_step,
@@ -142,10 +143,6 @@ def train_vqgan(cfg: vq.VQGANConfig, images: np.ndarray, tc: TrainConfig, *, see
     return params
 
 
-def _pad_rows(a: np.ndarray, n: int) -> np.ndarray:
-    return a if len(a) == n else np.concatenate([a, np.repeat(a[-1:], n - len(a), 0)])
-
-
 def _encode_decode_fn(cfg: vq.VQGANConfig, mesh: Mesh):
     model = vq.VQModel(cfg)
 
@@ -167,16 +164,11 @@ def _encode(cfg: vq.VQGANConfig, params: PyTree, images: np.ndarray, mesh: Mesh,
     fn = _encode_decode_fn(cfg, mesh)
     bs = _round_batch(batch_size, mesh)
     p = jax.device_put(params, replicated(mesh))
-    toks, mses = [], []
-    for i in range(0, len(images), bs):
-        chunk = images[i: i + bs]
-        idx, mse = fn(p, jax.device_put(_pad_rows(chunk, bs), batch_sharding(mesh, 4)))
-        toks.append(np.asarray(idx)[: len(chunk)])
-        mses.append(np.asarray(mse)[: len(chunk)])
-    if not toks:
-        side = images.shape[1] // cfg.downsample_factor
-        return np.zeros((0, side * side), np.int32), np.zeros((0,), np.float32)
-    return np.concatenate(toks).astype(np.int32), np.concatenate(mses)
+    side = images.shape[1] // cfg.downsample_factor
+    toks, mses = batched_apply(fn, p, (images,), bs, mesh,
+                               empty=(np.zeros((0, side * side), np.int32),
+                                      np.zeros((0,), np.float32)))
+    return np.asarray(toks).astype(np.int32), np.asarray(mses)
 
 
 def encode_tokens(cfg: vq.VQGANConfig, params: PyTree, images: np.ndarray, mesh: Mesh,

@@ -21,7 +21,8 @@ from jax.sharding import Mesh
 from t2i_mia.config import TrainConfig
 from t2i_mia.models import autoencoder_kl, schedulers, unet as unet_lib
 from t2i_mia.models.clip import CLIPTextConfig, CLIPTextModel
-from t2i_mia.parallel.mesh import batch_sharding, replicated
+from t2i_mia.parallel.batching import batched_apply
+from t2i_mia.parallel.mesh import replicated
 from t2i_mia.training.loop import (create_train_state, epoch_batches, jit_train_step,
                                    make_train_step, run_training)
 
@@ -94,15 +95,7 @@ def encode_latents(cfg: autoencoder_kl.AutoencoderKLConfig, params: PyTree, imag
         return mean * scale
 
     p = jax.device_put(params, replicated(mesh))
-    outs = []
-    for i in range(0, len(images), bs):
-        chunk = images[i: i + bs]
-        n = len(chunk)
-        if n < bs:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], bs - n, 0)])
-        x = jax.device_put(chunk, batch_sharding(mesh, 4))
-        outs.append(np.asarray(enc(p, x))[:n])
-    return np.concatenate(outs)
+    return batched_apply(enc, p, (np.asarray(images),), bs, mesh)
 
 
 def init_text_encoder(cfg: CLIPTextConfig, seed: int, max_length: int) -> PyTree:
