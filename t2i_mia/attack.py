@@ -15,8 +15,9 @@ import sys
 
 from t2i_mia import cli
 from t2i_mia.config import validate
-from t2i_mia.pipeline.audit import run_audit
+from t2i_mia.pipeline.audit import audit, write_audit
 from t2i_mia.report.summary import write_summary
+from t2i_mia.report.writer import format_table
 
 DESCRIPTION = __doc__.split("\n\n", 1)[1].strip() if __doc__ else ""
 
@@ -61,6 +62,15 @@ examples:
 """
 
 
+def _audit_and_write(cfg, paths) -> dict:
+    """One audit: the typed result, its files in ``paths.out``, its table on stdout."""
+    result = audit(cfg, paths)
+    write_audit(result, paths.out)
+    report = result.report.to_dict()
+    print(format_table(report))
+    return report
+
+
 def main(argv=None) -> int:
     parser = cli.make_parser("python -m t2i_mia.attack", DESCRIPTION, EPILOG,
                              explicit_sets=True)
@@ -80,7 +90,7 @@ def main(argv=None) -> int:
                   f"{paths.out}/summary.json, summary.md")
         return 0
     if not seeds:
-        run_audit(cfg, paths)
+        _audit_and_write(cfg, paths)
         logging.getLogger("t2i_mia").info("report written to %s", paths.out)
         return 0
     reports = []
@@ -88,7 +98,7 @@ def main(argv=None) -> int:
         cfg_s = validate(dataclasses.replace(cfg, seed=s))
         out_s = os.path.join(paths.out, f"seed_{s}")
         logging.getLogger("t2i_mia").info("seed %d -> %s", s, out_s)
-        reports.append(run_audit(cfg_s, dataclasses.replace(paths, out=out_s)))
+        reports.append(_audit_and_write(cfg_s, dataclasses.replace(paths, out=out_s)))
     write_summary(paths.out, reports, seeds)
     logging.getLogger("t2i_mia").info("summary of %d seeds written to %s/summary.md",
                                       len(seeds), paths.out)

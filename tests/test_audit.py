@@ -131,6 +131,19 @@ def test_documented_ci_table_comes_from_the_code(base):
         "\n".join(diffs)
 
 
+def test_audit_returns_a_typed_result_that_round_trips(base):
+    """run_audit's report is report.json's object; the typed AuditReport reads it and gives
+    it back unchanged."""
+    from t2i_mia.report.result import AuditReport
+    report, out = base
+    with open(os.path.join(out, "report.json")) as fh:
+        written = json.load(fh)
+    assert report == written
+    typed = AuditReport.from_dict(written)
+    assert typed.to_dict() == written
+    assert typed.auc("combined") == written["attacks"]["combined"]["mlp"]["auc"]
+
+
 def test_manifest_is_disjoint_and_matches_report(base):
     from t2i_mia.data.splits import SplitManifest
     report, out = base

@@ -203,3 +203,35 @@ def test_plot_roc_handles_zero_rates(tmp_path):
         g = _grid()
         plots.plot_samples(path, g["queries"].astype(np.float32), g["generated"], g["labels"],
                            g["captions"])
+
+
+def test_typed_report_round_trips_and_validates():
+    """report dict -> AuditReport (typed, validated) -> the same JSON object; a bad report is
+    refused with the key named; absent blocks and extra top-level keys survive."""
+    from t2i_mia.report.result import AuditReport, Entry
+    report, _ = _report()
+    report["schema_version"] = 2
+    report["white_box_reference"] = {"note": "n", "feature": "f", "threshold": {"auc": 0.9}}
+    report["custom"] = {"kept": True}
+    clean = json.loads(json.dumps(report, default=float))
+    typed = AuditReport.from_dict(report)  # numpy values are converted
+    assert isinstance(typed.attacks["pixel"].mlp, Entry)
+    assert typed.auc("pixel") == pytest.approx(clean["attacks"]["pixel"]["mlp"]["auc"])
+    assert typed.attacks["pixel"].mlp.tpr_at_fpr_1e_2 == \
+        clean["attacks"]["pixel"]["mlp"]["tpr_at_fpr_1e-2"]
+    assert typed.attacks["calibrated"].reference_models[0].n_members == 64
+    assert typed.controls.null_target.model.name == "shadow"
+    assert typed.to_dict() == clean
+    # nothing fitted: null MLP with its reason; an absent control keeps its null values
+    none = copy.deepcopy(clean)
+    none["attacks"]["pixel"] = {"mlp": None, "mlp_absent": "aux_mode none",
+                                "threshold": none["attacks"]["pixel"]["threshold"]}
+    none["controls"]["shuffled_labels"] = {"auc": None, "auc_ci": None, "per_shuffle_auc": [],
+                                           "n_shuffles": 0, "absent": "nothing fitted"}
+    back = AuditReport.from_dict(none)
+    assert back.attacks["pixel"].mlp is None and back.auc("pixel") is None
+    assert back.to_dict() == none
+    bad = copy.deepcopy(clean)
+    bad["attacks"]["pixel"]["mlp"].pop("auc_ci")
+    with pytest.raises(DataError, match="attacks.pixel.mlp.auc_ci"):
+        AuditReport.from_dict(bad)

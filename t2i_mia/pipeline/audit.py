@@ -43,6 +43,7 @@ import hashlib
 import logging
 import os
 import time
+from typing import Any
 
 import numpy as np
 
@@ -68,6 +69,7 @@ from t2i_mia.errors import ConfigError, DataError
 from t2i_mia.models.configs import check_model_configs
 from t2i_mia.parallel.mesh import make_mesh
 from t2i_mia.pipeline.paths import RunPaths
+from t2i_mia.report.result import AuditReport
 from t2i_mia.report.scores import write_scores
 from t2i_mia.report.writer import SCHEMA_VERSION, format_table, write_report
 from t2i_mia.targets.builders import build_models
@@ -134,8 +136,25 @@ def query_sets_info(ms, manifest) -> dict:
 
 # ----------------------------------------------------------------------------- the audit
 
-def run_audit(cfg: Config, paths: RunPaths, progress: bool = True) -> dict:
-    """Runs the whole audit and writes the report files; returns the report dict."""
+@dataclasses.dataclass
+class AuditResult:
+    """What an audit computed: the typed report, the ROC curves and sample grid of its
+    figures, the split manifest, and the per-query scores (train/eval ids in query order)
+    with the metadata scores.csv records."""
+    report: AuditReport
+    roc_curves: dict
+    sample_grid: dict
+    manifest: Any
+    scores: Any  # t2i_mia.adversary.evaluation.AuditScores
+    train_ids: np.ndarray  # int64[N_train]
+    eval_ids: np.ndarray  # int64[N_eval]
+    score_meta: dict
+    white_box_scores: tuple | None = None
+
+
+def audit(cfg: Config, paths: RunPaths, progress: bool = True) -> AuditResult:
+    """Runs the whole audit (nothing written but the model cache in ``paths.work_dir``);
+    :func:`write_audit` writes its files."""
     check_model_configs(cfg)
     timer = Timer()
     t_start = time.perf_counter()
@@ -325,18 +344,37 @@ def run_audit(cfg: Config, paths: RunPaths, progress: bool = True) -> dict:
     pick = np.concatenate([np.flatnonzero(y == 1)[:n_show], np.flatnonzero(y == 0)[:n_show]])
     sample_grid = {"queries": evalset.images[pick], "generated": np.asarray(gen_eval)[pick],
                    "labels": y[pick], "captions": [eval_caps[i] for i in pick]}
-    os.makedirs(paths.out, exist_ok=True)
-    manifest.save(os.path.join(paths.out, "manifest.json"))
-    # scores.csv / null_scores.csv: every per-query score the numbers come from, enough for
-    # python -m t2i_mia.report to recompute them (written before report.json, which is last)
-    write_scores(paths.out, scores, trainset.ids if trainset is not None else [], evalset.ids, {
+    score_meta = {
         **{key: report[key] for key in ("target", "data", "k", "caption_source", "aux_mode",
                                         "manifest_sha256", "seeds")},
         "null_absent": scores.null_absent, "query_sets": report.get("query_sets"),
         "models": report["models"],
         "n_bootstrap": a.n_bootstrap, "attack_seed": seed,
         "reference_models": models.reference_info, "null_model": models.null_info,
-        "white_box_note": white_box["note"] if white_box else None}, white_box=wb_scores)
-    write_report(paths.out, report, roc_curves, sample_grid)
+        "white_box_note": white_box["note"] if white_box else None}
+    return AuditResult(report=AuditReport.from_dict(report), roc_curves=roc_curves,
+                       sample_grid=sample_grid, manifest=manifest, scores=scores,
+                       train_ids=trainset.ids if trainset is not None else np.zeros(0, np.int64),
+                       eval_ids=evalset.ids, score_meta=score_meta, white_box_scores=wb_scores)
+
+
+def write_audit(result: AuditResult, out: str) -> None:
+    """Writes an audit's files into ``out``: manifest.json, scores.csv / null_scores.csv
+    (every per-query score the numbers come from, enough for ``python -m t2i_mia.report``
+    to recompute them), then report.json, report.md, roc.png and samples.png (report.json
+    last: a folder that has it is complete)."""
+    os.makedirs(out, exist_ok=True)
+    result.manifest.save(os.path.join(out, "manifest.json"))
+    write_scores(out, result.scores, result.train_ids, result.eval_ids, result.score_meta,
+                 white_box=result.white_box_scores)
+    write_report(out, result.report.to_dict(), result.roc_curves, result.sample_grid)
+
+
+def run_audit(cfg: Config, paths: RunPaths, progress: bool = True) -> dict:
+    """:func:`audit`, its files written to ``paths.out`` and its table printed; returns the
+    report as the JSON object written to report.json."""
+    result = audit(cfg, paths, progress)
+    write_audit(result, paths.out)
+    report = result.report.to_dict()
     print(format_table(report))
     return report
