@@ -29,7 +29,7 @@ from typing import Sequence
 import numpy as np
 
 from t2i_mia.data.images import IMAGE_EXTENSIONS, load_image
-from t2i_mia.data.records import MAX_ID, Record, validate_caption
+from t2i_mia.data.records import MAX_ID, EntryIndex, Record, validate_caption
 from t2i_mia.errors import DataError
 
 MANIFEST_KEYS = ("image", "caption", "id")
@@ -50,27 +50,12 @@ def _check_image_file(path: str, source: str, shown: str) -> None:
         raise DataError(f"{source}: image file {path} is a zero-byte file (expected an image)")
 
 
-class _LazyImages:
+class _LazyImages(EntryIndex):
     """Shared Dataset behaviour over ``self._entries: dict[int, _Entry]``."""
 
     name: str
     image_size: int
     _entries: dict[int, _Entry]
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.name!r}, size={self.image_size}, n={len(self)})"
-
-    def ids(self) -> list[int]:
-        return sorted(self._entries)
-
-    def _entry(self, id: int) -> _Entry:
-        try:
-            return self._entries[int(id)]
-        except (KeyError, TypeError, ValueError):
-            raise DataError(f"{self.name}: no record with id {id!r}") from None
 
     def path(self, id: int) -> str:
         """The image file of record ``id``."""

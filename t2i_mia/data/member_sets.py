@@ -31,7 +31,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from t2i_mia.data.folder import JsonlManifest, open_folder
-from t2i_mia.data.records import MAX_ID, Record, content_hash
+from t2i_mia.data.records import MAX_ID, EntryIndex, Record, content_hash
 from t2i_mia.data.splits import SPLIT_NAMES, Split, SplitManifest
 from t2i_mia.errors import DataError
 
@@ -58,7 +58,7 @@ class MemberSet:
         return len(self.ids)
 
 
-class MemberSetsDataset:
+class MemberSetsDataset(EntryIndex):
     """The union of the sets as one Dataset (see ``records.Dataset``), addressed by the ids of
     :class:`MemberSet`; images decoded lazily at ``image_size``."""
 
@@ -68,32 +68,21 @@ class MemberSetsDataset:
         self.image_size = int(image_size)
         self.name = "member-sets:" + ",".join(f"{r}={getattr(ds, 'name', '?')}"
                                               for r, (ds, _) in self._sources.items())
-        self._owner: dict[int, tuple[object, int]] = {}
+        # id -> (the set's dataset, its own id there)
+        self._entries: dict[int, tuple[object, int]] = {}
         for ds, off in self._sources.values():
             for i in ds.ids():
-                self._owner[int(i) + off] = (ds, int(i))
-
-    def __len__(self) -> int:
-        return len(self._owner)
-
-    def ids(self) -> list[int]:
-        return sorted(self._owner)
-
-    def _resolve(self, id: int):
-        try:
-            return self._owner[int(id)]
-        except (KeyError, TypeError, ValueError):
-            raise DataError(f"{self.name}: no record with id {id!r}") from None
+                self._entries[int(i) + off] = (ds, int(i))
 
     def caption(self, id: int) -> str:
-        ds, own = self._resolve(id)
+        ds, own = self._entry(id)
         return ds.caption(own)
 
     def captions(self, ids: Sequence[int]) -> list[str]:
         return [self.caption(i) for i in ids]
 
     def get(self, id: int) -> Record:
-        ds, own = self._resolve(id)
+        ds, own = self._entry(id)
         image = ds.image(own)
         image.flags.writeable = False
         return Record(int(id), image, ds.caption(own))
@@ -102,7 +91,7 @@ class MemberSetsDataset:
         out = np.empty((len(ids), self.image_size, self.image_size, 3), np.uint8)
         caps = []
         for k, i in enumerate(ids):
-            ds, own = self._resolve(i)
+            ds, own = self._entry(i)
             out[k] = ds.image(own)
             caps.append(ds.caption(own))
         return out, caps

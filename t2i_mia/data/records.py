@@ -133,3 +133,26 @@ def stack_records(records: Sequence[Record], image_size: int) -> tuple[np.ndarra
     for i, r in enumerate(records):
         out[i] = r.image
     return out, [r.caption for r in records]
+
+
+class EntryIndex:
+    """The id bookkeeping a Dataset over an ``id -> entry`` dict shares: ``_entries`` (set by
+    the subclass) and ``name`` / ``image_size`` attributes."""
+    _entries: dict
+    name: str
+    image_size: int
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, size={self.image_size}, n={len(self)})"
+
+    def ids(self) -> list[int]:
+        return sorted(self._entries)
+
+    def _entry(self, id: int):
+        try:
+            return self._entries[int(id)]
+        except (KeyError, TypeError, ValueError):
+            raise DataError(f"{self.name}: no record with id {id!r}") from None

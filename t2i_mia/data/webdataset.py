@@ -58,7 +58,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from t2i_mia.data.records import MAX_ID, Record
+from t2i_mia.data.records import MAX_ID, EntryIndex, Record
 from t2i_mia.data.images import fit_square
 from t2i_mia.errors import DataError
 
@@ -260,7 +260,7 @@ def _ends_cleanly(f, offset: int, file_size: int) -> bool:
             return False
 
 
-class WebDatasetShards:
+class WebDatasetShards(EntryIndex):
     """Records from webdataset ``.tar`` shards, indexed for random access (see module doc).
 
     ``shards``: paths / globs / brace patterns / folders, or a comma-separated string of
@@ -392,21 +392,6 @@ class WebDatasetShards:
                          for r, n in s.items())
 
     # -- Dataset protocol
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def __repr__(self) -> str:
-        return f"WebDatasetShards({self.name!r}, size={self.image_size}, n={len(self)})"
-
-    def ids(self) -> list[int]:
-        return sorted(self._entries)
-
-    def _entry(self, id: int) -> _Entry:
-        try:
-            return self._entries[int(id)]
-        except (KeyError, TypeError, ValueError):
-            raise DataError(f"{self.name}: no record with id {id!r}") from None
 
     def key(self, id: int) -> str:
         """``shard.tar:KEY`` of record ``id``."""

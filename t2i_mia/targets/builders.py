@@ -37,6 +37,16 @@ from t2i_mia.targets.protocol import Models
 from t2i_mia.timing import Timer
 
 
+def _roles(cfg: Config, manifest, target, shadow, refs: list, ref_info: list) -> Models:
+    """The roles of the models an audit trained: the model on ``shadow_members`` is the
+    null target in every mode (its members are disjoint from the evaluated ones) and, in
+    shadow mode, the attack source and white-box reference too; otherwise the target is."""
+    source = shadow if cfg.adversary.aux_mode == "shadow" else target
+    return Models(target=target, attack_source=source, null=shadow, white_box=source,
+                  references=refs, null_info=model_info(manifest, "shadow"),
+                  reference_info=ref_info)
+
+
 def _build_ldm_models(cfg: Config, paths, dataset, manifest, cache: ModelCache,
                       mesh: Mesh, timer: Timer, need_target: bool = True) -> Models:
     with timer.phase("autoencoder"):
@@ -66,11 +76,7 @@ def _build_ldm_models(cfg: Config, paths, dataset, manifest, cache: ModelCache,
             r_comps = factory.ldm_for(cfg, name, dataset, manifest, base, cache, mesh)
             refs.append(LDMTarget(r_comps, sample, seed=cfg.seed + 2 + r, mesh=mesh, name=name))
             ref_info.append(model_info(manifest, name))
-    extra = dict(references=refs, null_info=model_info(manifest, "shadow"),
-                 reference_info=ref_info)
-    if cfg.adversary.aux_mode == "shadow":
-        return Models(target=target, attack_source=shadow, null=shadow, white_box=shadow, **extra)
-    return Models(target=target, attack_source=target, null=shadow, white_box=target, **extra)
+    return _roles(cfg, manifest, target, shadow, refs, ref_info)
 
 
 def _build_generations_models(cfg: Config, paths, dataset, manifest, cache: ModelCache, mesh: Mesh,
@@ -155,15 +161,11 @@ def _build_dalle_models(cfg: Config, paths, dataset, manifest, cache: ModelCache
             ids, hashes = model_members(manifest, name)
             im, cap = dataset.get_many(ids)
             comps_r = factory.train_or_load_dalle(cfg, name, im, cap, ids_hash(hashes), vqgan,
-                                          tok, cache, mesh)
+                                                  tok, cache, mesh)
             refs.append(DalleMiniTarget.from_components(comps_r, sample, seed=cfg.seed + 2 + r,
                                                         mesh=mesh, name=name))
             ref_info.append(model_info(manifest, name))
-    extra = dict(references=refs, null_info=model_info(manifest, "shadow"),
-                 reference_info=ref_info)
-    if cfg.adversary.aux_mode == "shadow":
-        return Models(target=target, attack_source=shadow, null=shadow, white_box=shadow, **extra)
-    return Models(target=target, attack_source=target, null=shadow, white_box=target, **extra)
+    return _roles(cfg, manifest, target, shadow, refs, ref_info)
 
 
 Builder = Callable[..., Models]

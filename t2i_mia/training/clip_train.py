@@ -40,13 +40,7 @@ from t2i_mia.models.clip import (
 )
 from t2i_mia.models.tokenizer import TextTokenizer
 from t2i_mia.parallel.mesh import make_mesh
-from t2i_mia.training.loop import (
-    create_train_state,
-    epoch_batches,
-    jit_train_step,
-    make_train_step,
-    run_training,
-)
+from t2i_mia.training.loop import epoch_batches, train_with_config
 
 PyTree = Any
 
@@ -174,9 +168,6 @@ def train_clip(images: np.ndarray, captions: Sequence[str], tokenizer: TextToken
     model = CLIPModel(cfg)
     params = init_clip(cfg, jax.random.fold_in(root, 0))
     tx = make_optimizer(tc)
-    use_ema = tc.ema_decay > 0
-    # the state's rng is the augmentation stream: step s draws fold_in(rng, s)
-    state = create_train_state(params, tx, jax.random.fold_in(root, 2), ema=use_ema)
     ssl = float(image_ssl_weight)
 
     def loss_fn(p, batch, rng):
@@ -188,13 +179,10 @@ def train_clip(images: np.ndarray, captions: Sequence[str], tokenizer: TextToken
         idx = index(step)
         return {"pixel_values": pixels[idx], "input_ids": ids[idx], "attention_mask": mask[idx]}
 
-    step = jit_train_step(make_train_step(loss_fn, tx, tc.ema_decay if use_ema else None),
-                          mesh, state, batch_fn(0))
-    state, history = run_training(state=state, train_step=step, batch_fn=batch_fn,
-                                  num_steps=tc.steps, mesh=mesh, ckpt_dir=ckpt_dir,
-                                  checkpoint_every=tc.checkpoint_every, desc="clip",
-                                  progress=progress)
-    out = jax.device_get(state.ema_params if use_ema else state.params)
+    # the state's rng is the augmentation stream: step s draws fold_in(rng, s)
+    out, history = train_with_config(loss_fn, tx, params, jax.random.fold_in(root, 2),
+                                     batch_fn, tc, mesh, ckpt_dir=ckpt_dir, desc="clip",
+                                     progress=progress)
     if return_losses:
         return out, np.asarray([h["loss"] for h in history], np.float32)
     return out

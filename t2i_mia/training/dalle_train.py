@@ -35,7 +35,7 @@ from t2i_mia.parallel.batching import batched_apply
 from t2i_mia.parallel.mesh import batch_sharding, replicated
 from t2i_mia.training.ldm_train import _round_batch, make_optimizer, to_unit_range
 from t2i_mia.training.loop import (create_train_state, epoch_batches, jit_train_step,
-                                   make_train_step, run_training)
+                                   make_train_step, run_training, train_with_config)
 
 log = logging.getLogger(__name__)
 PyTree = Any
@@ -270,8 +270,6 @@ def train_dallebart(cfg: db.DalleBartConfig, text_ids: np.ndarray, text_mask: np
     k0, k1 = jax.random.split(jax.random.PRNGKey(seed))
     params = db.init_dallebart(cfg, k0)
     tx = make_optimizer(tc)
-    use_ema = tc.ema_decay > 0
-    state = create_train_state(params, tx, k1, ema=use_ema)
     u_ids_j, u_mask_j = jnp.asarray(u_ids), jnp.asarray(u_mask)
     use_dropout = cfg.dropout > 0 or cfg.attention_dropout > 0 or cfg.activation_dropout > 0
 
@@ -291,12 +289,9 @@ def train_dallebart(cfg: db.DalleBartConfig, text_ids: np.ndarray, text_mask: np
         idx = index(step)
         return {"ids": text_ids[idx], "mask": text_mask[idx], "tokens": image_tokens[idx]}
 
-    step = jit_train_step(make_train_step(loss_fn, tx, tc.ema_decay if use_ema else None),
-                          mesh, state, batch_fn(0))
-    state, history = run_training(state=state, train_step=step, batch_fn=batch_fn,
-                                  num_steps=tc.steps, mesh=mesh, ckpt_dir=ckpt_dir,
-                                  checkpoint_every=tc.checkpoint_every, desc="dallebart")
+    out, history = train_with_config(loss_fn, tx, params, k1, batch_fn, tc, mesh,
+                                     ckpt_dir=ckpt_dir, desc="dallebart")
     if history:
         log.info("dallebart: %d steps on %d captions, final loss %.4f", tc.steps,
                  len(image_tokens), history[-1]["loss"])
-    return jax.device_get(state.ema_params if use_ema else state.params)
+    return out

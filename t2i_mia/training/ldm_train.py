@@ -24,7 +24,7 @@ from t2i_mia.models.clip import CLIPTextConfig, CLIPTextModel
 from t2i_mia.parallel.batching import batched_apply
 from t2i_mia.parallel.mesh import replicated
 from t2i_mia.training.loop import (create_train_state, epoch_batches, jit_train_step,
-                                   make_train_step, run_training)
+                                   make_train_step, run_training, train_with_config)
 
 log = logging.getLogger(__name__)
 PyTree = Any
@@ -161,8 +161,6 @@ def train_ldm(unet_cfg: unet_lib.UNet2DConditionConfig, text_cfg: CLIPTextConfig
     if not train_text:
         tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
                                    {"unet": "train", "text": "frozen"})
-    use_ema = tc.ema_decay > 0
-    state = create_train_state(params, tx, k1, ema=use_ema)
     T = sched_cfg.num_train_timesteps
     u_ids = jnp.asarray(uncond_ids)
     u_mask = jnp.asarray(uncond_mask)
@@ -185,9 +183,6 @@ def train_ldm(unet_cfg: unet_lib.UNet2DConditionConfig, text_cfg: CLIPTextConfig
         idx = index(step)
         return {"latents": latents[idx], "ids": ids[idx], "mask": mask[idx]}
 
-    step = jit_train_step(make_train_step(loss_fn, tx, tc.ema_decay if use_ema else None),
-                          mesh, state, batch_fn(0))
-    state, _ = run_training(state=state, train_step=step, batch_fn=batch_fn, num_steps=tc.steps,
-                            mesh=mesh, ckpt_dir=ckpt_dir, checkpoint_every=tc.checkpoint_every,
-                            desc="ldm")
-    return jax.device_get(state.ema_params if use_ema else state.params)
+    out, _ = train_with_config(loss_fn, tx, params, k1, batch_fn, tc, mesh, ckpt_dir=ckpt_dir,
+                               desc="ldm")
+    return out

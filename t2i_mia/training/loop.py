@@ -8,6 +8,8 @@
 * :func:`jit_train_step`: ``jax.jit`` with ``in_shardings``/``out_shardings`` from the
   sharding rules (:mod:`t2i_mia.parallel.mesh`) and the state donated.
 * :func:`run_training`: the loop: resume, step, log, checkpoint, save on SIGTERM/Ctrl-C.
+* :func:`train_with_config`: the three above for one model's ``TrainConfig`` (steps, EMA,
+  checkpoint interval); every model's training calls it.
 
 Data position: ``batch_fn(step)`` must be a pure function of the step (e.g. via
 :func:`epoch_batches`), so the iterator position *is* ``state.step`` and is checkpointed
@@ -32,6 +34,7 @@ from jax.sharding import Mesh, PartitionSpec
 from tqdm.auto import tqdm
 
 from t2i_mia.checkpoint import latest_step, restore_checkpoint, save_checkpoint
+from t2i_mia.config import TrainConfig
 from t2i_mia.errors import ConfigError
 from t2i_mia.parallel.mesh import batch_sharding, param_shardings, replicated, shard_batch
 from t2i_mia.training.ema import ema_update
@@ -305,3 +308,23 @@ def run_training(*, state: TrainState, train_step: Callable, batch_fn: Callable[
     finally:
         pbar.close()
     return state, history
+
+
+def train_with_config(loss_fn: LossFn, tx: optax.GradientTransformation, params: PyTree,
+                      rng: int | jax.Array, batch_fn: Callable[[int], PyTree], tc: TrainConfig,
+                      mesh: Mesh, *, ckpt_dir: str | None, desc: str, progress: bool = True,
+                      rules: Sequence[tuple[str, PartitionSpec]] = ()
+                      ) -> tuple[PyTree, list[dict]]:
+    """Trains ``params`` for ``tc.steps`` steps of ``loss_fn`` (see :func:`make_train_step`)
+    on ``batch_fn``'s batches, with an EMA of decay ``tc.ema_decay`` when it is > 0 and a
+    checkpoint every ``tc.checkpoint_every`` steps in ``ckpt_dir`` (resumed from when it
+    holds one). Returns (the final parameters on the host, the EMA's with EMA; history)."""
+    use_ema = tc.ema_decay > 0
+    state = create_train_state(params, tx, rng, ema=use_ema)
+    step = jit_train_step(make_train_step(loss_fn, tx, tc.ema_decay if use_ema else None),
+                          mesh, state, batch_fn(0), rules)
+    state, history = run_training(state=state, train_step=step, batch_fn=batch_fn,
+                                  num_steps=tc.steps, mesh=mesh, ckpt_dir=ckpt_dir,
+                                  checkpoint_every=tc.checkpoint_every, desc=desc,
+                                  progress=progress)
+    return jax.device_get(state.ema_params if use_ema else state.params), history
