@@ -16,18 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from t2i_mia.parallel.mesh import batch_sharding
+from t2i_mia.parallel.mesh import batch_sharding, pad_batch
 
 PyTree = Any
-
-
-def _pad_rows(x, n: int):
-    """x[B,...] with B <= n -> x[n,...], the missing rows copies of the last one."""
-    m = x.shape[0]
-    if m == n:
-        return x
-    xp = jnp if isinstance(x, jax.Array) else np
-    return xp.concatenate([x, xp.repeat(x[-1:], n - m, axis=0)], axis=0)
 
 
 def batched_apply(fn: Callable[..., PyTree], params: PyTree, arrays: Sequence[Any],
@@ -54,10 +45,11 @@ def batched_apply(fn: Callable[..., PyTree], params: PyTree, arrays: Sequence[An
     for i in range(0, n, batch_size):
         chunk = [a[i:i + batch_size] for a in arrays]
         m = chunk[0].shape[0]
-        chunk = [_pad_rows(c, batch_size) for c in chunk]
+        chunk = [pad_batch(c, batch_size)[0] for c in chunk]
         if mesh is not None:
             chunk = [jax.device_put(c, batch_sharding(mesh, c.ndim)) for c in chunk]
-        out = jax.tree.map(lambda y, m=m: y[:m], fn(params, *chunk))
-        outs.append(jax.device_get(out) if to_host else out)
+        outs.append(jax.tree.map(lambda y, m=m: y[:m], fn(params, *chunk)))
+    if to_host:  # one fetch at the end: the batches' calls are dispatched without waiting
+        outs = jax.device_get(outs)
     cat = np.concatenate if to_host else jnp.concatenate
     return jax.tree.map(lambda *ys: cat(ys), *outs)

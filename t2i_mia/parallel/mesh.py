@@ -29,6 +29,7 @@ import re
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -238,7 +239,7 @@ def shard_batch(batch: PyTree, mesh: Mesh, *, process_local: bool = False) -> Py
     return jax.tree_util.tree_map_with_path(one, batch)
 
 
-def pad_batch(x: np.ndarray, multiple: int) -> tuple[np.ndarray, int]:
+def pad_batch(x, multiple: int) -> tuple[np.ndarray | jax.Array, int]:
     """Pads the leading axis of ``x`` up to a multiple of ``multiple``.
 
     Returns ``(padded, n_valid)`` with ``n_valid = len(x)``. Padding rows are copies of the
@@ -247,11 +248,13 @@ def pad_batch(x: np.ndarray, multiple: int) -> tuple[np.ndarray, int]:
     """
     if multiple < 1:
         raise ValueError(f"pad_batch: multiple must be >= 1, got {multiple}")
-    x = np.asarray(x)
+    # a device array is padded on its device (no round trip through the host)
+    xp = jnp if isinstance(x, jax.Array) else np
+    x = x if xp is jnp else np.asarray(x)
     if x.ndim < 1:
         raise ValueError("pad_batch: expected an array with a leading batch axis, got a scalar")
     n = x.shape[0]
     pad = (-n) % multiple
     if n == 0 or pad == 0:
         return x, n
-    return np.concatenate([x, np.repeat(x[-1:], pad, axis=0)], axis=0), n
+    return xp.concatenate([x, xp.repeat(x[-1:], pad, axis=0)], axis=0), n
