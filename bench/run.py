@@ -280,7 +280,7 @@ def random_ids(rng: np.random.Generator, batch: int, length: int, vocab: int) ->
 def bench_ldm_train(ctx: Ctx) -> Result:
     from t2i_mia.models import schedulers, unet as unet_lib
     from t2i_mia.models.clip import CLIPTextConfig, CLIPTextModel
-    from t2i_mia.training.ldm_train import diffusion_loss, make_optimizer
+    from t2i_mia.training.ldm_train import ldm_loss, make_optimizer
     from t2i_mia.training.loop import create_train_state, jit_train_step, make_train_step
 
     cfg = preset(ctx)
@@ -294,7 +294,8 @@ def bench_ldm_train(ctx: Ctx) -> Result:
         "preset": cfg.preset, "unet": L.unet, "text_encoder": L.text_encoder,
         "batch_size": bs, "latent_shape": [s, s, unet_cfg.in_channels], "text_length": length,
         "dtype": ctx.dtype_name, "optimizer": "adamw (make_optimizer of ldm.train)",
-        "caption_dropout": L.caption_dropout, "mesh": "1 device"})
+        "caption_dropout": L.caption_dropout, "timestep_power": L.timestep_power,
+        "mesh": "1 device"})
     mesh = single_device_mesh()
     unet_shapes = unet_lib.param_shapes(unet_cfg)
     text_shapes = jax.eval_shape(
@@ -304,23 +305,16 @@ def bench_ldm_train(ctx: Ctx) -> Result:
     res.config["n_params"] = n_params(params)
     tx = make_optimizer(L.train)
     state = create_train_state(params, tx, 1)
-    T = sched_cfg.num_train_timesteps
     u_ids = jnp.zeros((length,), jnp.int32)
     u_mask = jnp.zeros((length,), jnp.int32).at[:2].set(1)
     dtype = ctx.dtype
 
-    def loss_fn(p, batch, rng):  # as train_ldm's, plus the optional compute dtype
-        kt, kn, kd = jax.random.split(rng, 3)
-        b = batch["latents"].shape[0]
-        t = jax.random.randint(kt, (b,), 0, T)
-        noise = jax.random.normal(kn, batch["latents"].shape)
-        drop = jax.random.bernoulli(kd, L.caption_dropout, (b,))[:, None]
-        ids = jnp.where(drop, u_ids[None], batch["ids"])
-        mask = jnp.where(drop, u_mask[None], batch["mask"])
+    def loss_fn(p, batch, rng):  # train_ldm's loss, in the optional compute dtype
         with compute_in(dtype):
-            per_ex = diffusion_loss(unet_cfg, text_cfg, sched_cfg, cast_floats(p, dtype),
-                                    batch["latents"], ids, mask, t, noise)
-        return jnp.mean(per_ex.astype(jnp.float32)), {}
+            return ldm_loss(unet_cfg, text_cfg, sched_cfg, cast_floats(p, dtype), batch, rng,
+                            uncond_ids=u_ids, uncond_mask=u_mask,
+                            caption_dropout=L.caption_dropout,
+                            timestep_power=L.timestep_power)
 
     rng = np.random.default_rng(0)
     batch = {"latents": rng.standard_normal((bs, s, s, unet_cfg.in_channels), np.float32),
@@ -385,9 +379,6 @@ def bench_ddim(ctx: Ctx) -> Result:
     params = cast_floats(random_params(shapes, 0), ctx.dtype)
     res.config["n_params"] = n_params(params)
     timesteps = jnp.asarray(schedulers.ddim_timesteps(sched, S))
-    acp = schedulers.alphas_cumprod(sched)
-    final_acp = jnp.float32(1.0) if sched.set_alpha_to_one else acp[0]
-    stride = sched.num_train_timesteps // S
     scale = vae_cfg.scaling_factor
     u_ids = jnp.zeros((length,), jnp.int32)
     u_mask = jnp.zeros((length,), jnp.int32).at[:2].set(1)
@@ -421,23 +412,8 @@ def bench_ddim(ctx: Ctx) -> Result:
         return jnp.concatenate([ctx_u, ctx_c]), x
 
     def step(p, x, i, context2):  # one DDIM step (eta = 0): ddim_sample's loop body
-        t = timesteps[i]
-        b = x.shape[0]
-        out2 = eps_fn(p, jnp.concatenate([x, x]), jnp.full((2 * b,), t, jnp.int32), context2)
-        out = out2[:b] + g * (out2[b:] - out2[:b])
-        a_t = acp[t]
-        b_t = 1.0 - a_t
-        prev_t = t - stride
-        a_prev = jnp.where(prev_t >= 0, acp[jnp.maximum(prev_t, 0)], final_acp)
-        if sched.prediction_type == "epsilon":
-            x0, eps = (x - b_t ** 0.5 * out) / a_t ** 0.5, out
-        elif sched.prediction_type == "v_prediction":
-            x0, eps = a_t ** 0.5 * x - b_t ** 0.5 * out, a_t ** 0.5 * out + b_t ** 0.5 * x
-        else:  # sample (x0) prediction
-            x0, eps = out, (x - a_t ** 0.5 * out) / b_t ** 0.5
-        if sched.clip_sample:
-            x0 = jnp.clip(x0, -sched.clip_sample_range, sched.clip_sample_range)
-        return a_prev ** 0.5 * x0 + (1.0 - a_prev) ** 0.5 * eps
+        return schedulers.ddim_step(lambda x, t, c: eps_fn(p, x, t, c), sched, x, i, context2,
+                                    True, g, timesteps)
 
     rng = np.random.default_rng(0)
     ids = jnp.asarray(random_ids(rng, bs, length, text_cfg.vocab_size))

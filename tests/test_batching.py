@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from t2i_mia.parallel.batching import batched_apply
+from t2i_mia.parallel.batching import batched_apply, round_batch
 from t2i_mia.parallel.mesh import make_mesh
 
 
@@ -44,3 +44,25 @@ def test_batched_apply_empty_and_bad_input():
         batched_apply(lambda p, a, b: a, 1.0, (np.ones(3), np.ones(4)), 2)
     with pytest.raises(ValueError, match="batch_size"):
         batched_apply(fn, 1.0, (np.ones(3),), 0)
+
+
+@pytest.mark.parametrize("n_dev", [1, 4])
+def test_round_batch_divides_over_the_data_axis(n_dev):
+    mesh = make_mesh(devices=jax.devices()[:n_dev])
+    for bs in (1, 3, 4, 9, 64):
+        got = round_batch(bs, mesh)
+        assert got % n_dev == 0 and got >= n_dev and got <= max(bs, n_dev)
+
+
+def test_batched_apply_places_batches_on_the_data_axis_and_shows_progress(capsys):
+    mesh = make_mesh(devices=jax.devices()[:4])
+    seen = []
+
+    def fn(p, a):
+        seen.append(a.sharding.spec)
+        return a + p
+
+    out = batched_apply(fn, 1.0, (np.arange(6, dtype=np.float32),), 4, mesh, desc="demo")
+    np.testing.assert_array_equal(out, np.arange(1, 7, dtype=np.float32))
+    assert [tuple(s) for s in seen] == [("data",), ("data",)]
+    assert "demo" in capsys.readouterr().err

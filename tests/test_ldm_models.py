@@ -411,6 +411,25 @@ def test_ddim_eta_noise_does_not_depend_on_batch(tiny_sampler):
     assert np.max(np.abs(det[0] - alone[0])) > 1e-2
 
 
+def test_ddim_steps_in_a_python_loop_equal_the_fori_loop(tiny_sampler):
+    # ddim_step is the sampler's loop body: bench/ and callers that step by hand use it
+    params, cfg, sample, _ = tiny_sampler
+    model = unet_mod.UNet2DConditionModel(TINY_UNET)
+    eps_fn = lambda x, t, c: model.apply({"params": params}, x, t, c)
+    ts = jnp.asarray(sch.ddim_timesteps(cfg, 4))
+    lat, cond, unc = _inputs(3, 2)
+    keys = jax.random.split(jax.random.key(4), 2)
+    g, eta = jnp.float32(2.5), jnp.float32(0.7)
+    want = sample(params, lat, cond, unc, g, ts, eta, keys)
+    step = jax.jit(lambda x, i: sch.ddim_step(eps_fn, cfg, x, i, jnp.concatenate([unc, cond]),
+                                              True, g, ts, eta, keys))
+    x = lat
+    for i in range(4):
+        x = step(x, jnp.int32(i))
+    np.testing.assert_allclose(x, want, rtol=1e-5, atol=1e-5)
+    assert np.max(np.abs(np.asarray(x) - np.asarray(lat))) > 1e-2  # the steps moved x
+
+
 def test_ddim_requires_keys_when_eta_nonzero():
     cfg = sch.SchedulerConfig()
     x = jnp.zeros((1, 2, 2, 1))

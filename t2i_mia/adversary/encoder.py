@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 from t2i_mia.errors import CheckpointError
 from t2i_mia.models.clip import CLIP_MEAN, CLIP_STD, CLIPConfig, CLIPModel, load_clip, save_clip
 from t2i_mia.models.tokenizer import TextTokenizer
-from t2i_mia.parallel.batching import batched_apply
+from t2i_mia.parallel.batching import batched_apply, round_batch
 from t2i_mia.parallel.mesh import batch_sharding, replicated
 from t2i_mia.targets.factory import cache_key
 from t2i_mia.training.clip_train import train_clip
@@ -49,8 +49,7 @@ class Encoder:
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.mesh = mesh
-        n = mesh.shape["data"]
-        self.batch_size = max(n, batch_size // n * n)
+        self.batch_size = round_batch(batch_size, mesh)
         if isinstance(params, dict) and set(params) == {"params"}:
             params = params["params"]  # accept variables as well as the bare tree
         self.params = jax.device_put(params, replicated(mesh))

@@ -192,6 +192,52 @@ def ddim_timesteps(cfg: SchedulerConfig, num_inference_steps: int) -> np.ndarray
 EpsFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
+def ddim_step(eps_fn: EpsFn, cfg: SchedulerConfig, x: jax.Array, i: jax.Array | int,
+              context: jax.Array, guided: bool, guidance_scale: float | jax.Array,
+              timesteps: jax.Array, eta: float | jax.Array = 0.0,
+              noise_keys: jax.Array | None = None) -> jax.Array:
+    """One DDIM step x_{t_i} -> x_{t_{i+1}}: the body of :func:`ddim_sample`'s loop.
+
+    ``context`` is f32[B,L,D], or with ``guided`` f32[2B,L,D] = [uncond; cond] (the model
+    then runs once on [x; x]). ``i`` indexes ``timesteps`` int32[S] and may be traced; the
+    other arguments are as in :func:`ddim_sample`.
+    """
+    acp = alphas_cumprod(cfg)
+    final_acp = jnp.float32(1.0) if cfg.set_alpha_to_one else acp[0]
+    stride = cfg.num_train_timesteps // timesteps.shape[0]
+    B = x.shape[0]
+    t = timesteps[i]
+    if not guided:
+        out = eps_fn(x, jnp.full((B,), t, jnp.int32), context)
+    else:
+        out2 = eps_fn(jnp.concatenate([x, x], axis=0), jnp.full((2 * B,), t, jnp.int32), context)
+        out_u, out_c = out2[:B], out2[B:]
+        out = out_u + guidance_scale * (out_c - out_u)
+    a_t = acp[t]
+    prev_t = t - stride
+    a_prev = jnp.where(prev_t >= 0, acp[jnp.maximum(prev_t, 0)], final_acp)
+    b_t = 1.0 - a_t
+    if cfg.prediction_type == "epsilon":
+        x0 = (x - b_t ** 0.5 * out) / a_t ** 0.5
+        eps = out
+    elif cfg.prediction_type == "v_prediction":
+        x0 = a_t ** 0.5 * x - b_t ** 0.5 * out
+        eps = a_t ** 0.5 * out + b_t ** 0.5 * x
+    else:  # sample
+        x0 = out
+        eps = (x - a_t ** 0.5 * x0) / b_t ** 0.5
+    if cfg.clip_sample:
+        x0 = jnp.clip(x0, -cfg.clip_sample_range, cfg.clip_sample_range)
+    variance = ((1.0 - a_prev) / b_t) * (1.0 - a_t / a_prev)
+    std = eta * variance ** 0.5
+    x_prev = a_prev ** 0.5 * x0 + (1.0 - a_prev - std ** 2) ** 0.5 * eps
+    if noise_keys is not None:
+        noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), x.shape[1:],
+                                                     x.dtype))(noise_keys)
+        x_prev = x_prev + std * noise
+    return x_prev
+
+
 def ddim_sample(eps_fn: EpsFn, cfg: SchedulerConfig, latents: jax.Array, cond: jax.Array,
                 uncond: jax.Array | None, guidance_scale: float | jax.Array, timesteps: jax.Array,
                 eta: float | jax.Array = 0.0, noise_keys: jax.Array | None = None) -> jax.Array:
@@ -216,44 +262,12 @@ def ddim_sample(eps_fn: EpsFn, cfg: SchedulerConfig, latents: jax.Array, cond: j
     if noise_keys is None and not (isinstance(eta, (int, float)) and eta == 0):
         raise ConfigError("ddim_sample: eta may be non-zero, so noise_keys (one key per image) "
                           "are required")
-    acp = alphas_cumprod(cfg)
-    final_acp = jnp.float32(1.0) if cfg.set_alpha_to_one else acp[0]
     timesteps = jnp.asarray(timesteps, jnp.int32)
     S = timesteps.shape[0]
-    step = cfg.num_train_timesteps // S
-    B = latents.shape[0]
     context = cond if uncond is None else jnp.concatenate([uncond, cond], axis=0)
 
     def body(i, x):
-        t = timesteps[i]
-        if uncond is None:
-            out = eps_fn(x, jnp.full((B,), t, jnp.int32), context)
-        else:
-            out2 = eps_fn(jnp.concatenate([x, x], axis=0), jnp.full((2 * B,), t, jnp.int32), context)
-            out_u, out_c = out2[:B], out2[B:]
-            out = out_u + guidance_scale * (out_c - out_u)
-        a_t = acp[t]
-        prev_t = t - step
-        a_prev = jnp.where(prev_t >= 0, acp[jnp.maximum(prev_t, 0)], final_acp)
-        b_t = 1.0 - a_t
-        if cfg.prediction_type == "epsilon":
-            x0 = (x - b_t ** 0.5 * out) / a_t ** 0.5
-            eps = out
-        elif cfg.prediction_type == "v_prediction":
-            x0 = a_t ** 0.5 * x - b_t ** 0.5 * out
-            eps = a_t ** 0.5 * out + b_t ** 0.5 * x
-        else:  # sample
-            x0 = out
-            eps = (x - a_t ** 0.5 * x0) / b_t ** 0.5
-        if cfg.clip_sample:
-            x0 = jnp.clip(x0, -cfg.clip_sample_range, cfg.clip_sample_range)
-        variance = ((1.0 - a_prev) / b_t) * (1.0 - a_t / a_prev)
-        std = eta * variance ** 0.5
-        x_prev = a_prev ** 0.5 * x0 + (1.0 - a_prev - std ** 2) ** 0.5 * eps
-        if noise_keys is not None:
-            noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), x.shape[1:],
-                                                         x.dtype))(noise_keys)
-            x_prev = x_prev + std * noise
-        return x_prev
+        return ddim_step(eps_fn, cfg, x, i, context, uncond is not None, guidance_scale,
+                         timesteps, eta, noise_keys)
 
     return jax.lax.fori_loop(0, S, body, latents)

@@ -36,7 +36,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
-from tqdm.auto import tqdm
 
 from t2i_mia.config import DalleSampleConfig
 from t2i_mia.errors import ConfigError, DataError
@@ -44,8 +43,8 @@ from t2i_mia.models import dallebart as db
 from t2i_mia.models import vqgan as vq
 from t2i_mia.models.text_normalize import fit_token_ids, normalize_text
 from t2i_mia.models.tokenizer import TextTokenizer
-from t2i_mia.parallel.batching import batched_apply
-from t2i_mia.parallel.mesh import batch_sharding, pad_batch, replicated, shard_batch
+from t2i_mia.parallel.batching import batched_apply, round_batch
+from t2i_mia.parallel.mesh import batch_sharding, replicated
 from t2i_mia.targets.ldm import to_uint8
 from t2i_mia.targets.protocol import image_keys
 from t2i_mia.training.dalle_train import (
@@ -154,8 +153,7 @@ class DalleMiniTarget:
         self.mesh = mesh
         self.name = name
         self.root_key = jax.random.PRNGKey(seed)
-        n_data = mesh.shape["data"]
-        self.batch_size = max(n_data, sample.batch_size // n_data * n_data)
+        self.batch_size = round_batch(sample.batch_size, mesh)
         self._long_tok = with_max_length(tokenizer, bart_cfg.max_text_length + 1)
         self.uncond = empty_caption(tokenizer, bart_cfg)
         self.params = jax.device_put({"vqgan": vqgan_params, "bart": bart_params},
@@ -211,23 +209,13 @@ class DalleMiniTarget:
         keys = np.asarray(image_keys(self.root_key, ids, k)).reshape(n * k, 2)
         tok_ids = np.repeat(tok_ids, k, axis=0)
         tok_mask = np.repeat(tok_mask, k, axis=0)
-        bs = self.batch_size
-        pad = lambda a: pad_batch(a, bs)[0]  # noqa: E731  (the last batch keeps the shape)
-        imgs, toks = [], []
-        for i in tqdm(range(0, n * k, bs), desc=f"generate[{self.name}]", disable=not progress,
-                      leave=False, dynamic_ncols=True):
-            sl = slice(i, i + bs)
-            m = len(keys[sl])
-            im, tk = self._sample(self.params, *shard_batch(
-                (pad(tok_ids[sl]), pad(tok_mask[sl]), pad(keys[sl])), self.mesh))
-            imgs.append(im[:m])
-            toks.append(tk[:m])
         h = self.image_size
-        if not imgs:
-            return (jnp.zeros((0, k, h, h, 3), jnp.uint8),
-                    jnp.zeros((0, k, self.bart_cfg.image_length), jnp.int32))
-        images = jnp.concatenate(imgs, axis=0)
-        tokens = jnp.concatenate(toks, axis=0)
+        empty = (jnp.zeros((0, h, h, 3), jnp.uint8),
+                 jnp.zeros((0, self.bart_cfg.image_length), jnp.int32))
+        # fixed-size batches (the last one padded) so the sampler compiles once
+        images, tokens = batched_apply(self._sample, self.params, (tok_ids, tok_mask, keys),
+                                       self.batch_size, self.mesh, to_host=False, empty=empty,
+                                       desc=f"generate[{self.name}]" if progress else None)
         return (images.reshape((n, k) + images.shape[1:]),
                 tokens.reshape(n, k, tokens.shape[-1]))
 

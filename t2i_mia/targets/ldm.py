@@ -15,14 +15,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
-from tqdm.auto import tqdm
 
 from t2i_mia.config import DiffusionSampleConfig
 from t2i_mia.models import autoencoder_kl, schedulers, unet as unet_lib
 from t2i_mia.models.clip import CLIPTextModel
 from t2i_mia.models.ldm import LDMComponents
-from t2i_mia.parallel.batching import batched_apply
-from t2i_mia.parallel.mesh import batch_sharding, pad_batch, replicated, shard_batch
+from t2i_mia.parallel.batching import batched_apply, round_batch
+from t2i_mia.parallel.mesh import batch_sharding, replicated
 from t2i_mia.targets.protocol import image_keys
 from t2i_mia.training.ldm_train import diffusion_loss, encode_latents
 
@@ -53,8 +52,7 @@ class LDMTarget:
         self.name = name
         self.root_key = jax.random.PRNGKey(seed)
         self.image_size = comps.vae_cfg.sample_size
-        n_data = mesh.shape["data"]
-        self.batch_size = max(n_data, sample.batch_size // n_data * n_data)
+        self.batch_size = round_batch(sample.batch_size, mesh)
         self.timesteps = jnp.asarray(
             schedulers.ddim_timesteps(comps.scheduler_cfg, sample.num_inference_steps))
         text_params = comps.text_params
@@ -117,18 +115,12 @@ class LDMTarget:
         keys = np.asarray(image_keys(self.root_key, ids, k)).reshape(n * k, 2)
         tok_ids = np.repeat(tok_ids, k, axis=0)
         tok_mask = np.repeat(tok_mask, k, axis=0)
-        bs = self.batch_size
-        outs = []
-        for i in tqdm(range(0, n * k, bs), desc=f"generate[{self.name}]", disable=not progress,
-                      leave=False, dynamic_ncols=True):
-            sl = slice(i, i + bs)
-            m = len(keys[sl])
-            # Pad the last batch to the fixed size so the sampler compiles once.
-            # Global arrays placed over the mesh (each process copies only its own rows).
-            out = self._sample(self.params, *shard_batch(
-                tuple(pad_batch(a[sl], bs)[0] for a in (tok_ids, tok_mask, keys)), self.mesh))
-            outs.append(out[:m])
-        images = jnp.concatenate(outs, axis=0)
+        h = self.image_size
+        # fixed-size batches (the last one padded) so the sampler compiles once
+        images = batched_apply(self._sample, self.params, (tok_ids, tok_mask, keys),
+                               self.batch_size, self.mesh, to_host=False,
+                               empty=jnp.zeros((0, h, h, 3), jnp.uint8),
+                               desc=f"generate[{self.name}]" if progress else None)
         return images.reshape((n, k) + images.shape[1:])
 
     def white_box_loss(self, images: np.ndarray, captions: Sequence[str], ids: Sequence[int],

@@ -31,9 +31,9 @@ from t2i_mia.config import TrainConfig
 from t2i_mia.errors import DataError
 from t2i_mia.models import dallebart as db
 from t2i_mia.models import vqgan as vq
-from t2i_mia.parallel.batching import batched_apply
+from t2i_mia.parallel.batching import batched_apply, round_batch
 from t2i_mia.parallel.mesh import batch_sharding, replicated
-from t2i_mia.training.ldm_train import _round_batch, make_optimizer, to_unit_range
+from t2i_mia.training.ldm_train import make_optimizer, to_unit_range
 from t2i_mia.training.loop import (create_train_state, epoch_batches, jit_train_step,
                                    make_train_step, run_training, train_with_config)
 
@@ -92,7 +92,7 @@ def train_vqgan(cfg: vq.VQGANConfig, images: np.ndarray, tc: TrainConfig, *, see
     vq.check_image_size(cfg, images.shape, "train_vqgan: images")
     if images.dtype != np.uint8:
         raise DataError(f"train_vqgan: images are {images.dtype}, expected uint8 [N,H,W,3]")
-    bs = _round_batch(tc.batch_size, mesh)
+    bs = round_batch(tc.batch_size, mesh)
     n_codes = cfg.n_embed
     tokens_per_image = (images.shape[1] // cfg.downsample_factor) ** 2
     m = bs * tokens_per_image
@@ -162,7 +162,7 @@ def _encode(cfg: vq.VQGANConfig, params: PyTree, images: np.ndarray, mesh: Mesh,
     images = np.asarray(images)
     vq.check_image_size(cfg, images.shape, "encode_tokens: images")
     fn = _encode_decode_fn(cfg, mesh)
-    bs = _round_batch(batch_size, mesh)
+    bs = round_batch(batch_size, mesh)
     p = jax.device_put(params, replicated(mesh))
     side = images.shape[1] // cfg.downsample_factor
     toks, mses = batched_apply(fn, p, (images,), bs, mesh,
@@ -266,7 +266,7 @@ def train_dallebart(cfg: db.DalleBartConfig, text_ids: np.ndarray, text_mask: np
     text_ids = np.asarray(text_ids, np.int32)
     text_mask = np.asarray(text_mask, np.int32)
     image_tokens = np.asarray(image_tokens, np.int32)
-    bs = _round_batch(tc.batch_size, mesh)
+    bs = round_batch(tc.batch_size, mesh)
     k0, k1 = jax.random.split(jax.random.PRNGKey(seed))
     params = db.init_dallebart(cfg, k0)
     tx = make_optimizer(tc)

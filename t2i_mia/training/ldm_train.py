@@ -9,6 +9,7 @@ checkpoints and resume.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from typing import Any
 
@@ -21,7 +22,7 @@ from jax.sharding import Mesh
 from t2i_mia.config import TrainConfig
 from t2i_mia.models import autoencoder_kl, schedulers, unet as unet_lib
 from t2i_mia.models.clip import CLIPTextConfig, CLIPTextModel
-from t2i_mia.parallel.batching import batched_apply
+from t2i_mia.parallel.batching import batched_apply, round_batch
 from t2i_mia.parallel.mesh import replicated
 from t2i_mia.training.loop import (create_train_state, epoch_batches, jit_train_step,
                                    make_train_step, run_training, train_with_config)
@@ -40,12 +41,6 @@ def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
     return optax.chain(*parts)
 
 
-def _round_batch(batch_size: int, mesh: Mesh) -> int:
-    """The global batch must divide over the mesh's data axis."""
-    n = mesh.shape["data"]
-    return max(n, (batch_size // n) * n)
-
-
 def to_unit_range(images_u8: jax.Array) -> jax.Array:
     """uint8[..., 3] -> f32 in [-1, 1]."""
     return images_u8.astype(jnp.float32) / 127.5 - 1.0
@@ -59,7 +54,7 @@ def train_autoencoder(cfg: autoencoder_kl.AutoencoderKLConfig, images: np.ndarra
     Returns the config with ``scaling_factor`` set to 1/std of the trained latents (as Stable
     Diffusion chose its 0.18215) and the parameters.
     """
-    bs = _round_batch(tc.batch_size, mesh)
+    bs = round_batch(tc.batch_size, mesh)
     tx = make_optimizer(tc)
     params = autoencoder_kl.init_params(cfg, jax.random.PRNGKey(seed))
     state = create_train_state(params, tx, jax.random.PRNGKey(seed + 1), ema=False)
@@ -87,7 +82,7 @@ def encode_latents(cfg: autoencoder_kl.AutoencoderKLConfig, params: PyTree, imag
     """uint8[N,H,W,3] -> posterior means * scaling_factor, f32[N,h,w,C] (host)."""
     scale = cfg.scaling_factor if scale is None else scale
     model = autoencoder_kl.AutoencoderKL(cfg)
-    bs = _round_batch(batch_size, mesh)
+    bs = round_batch(batch_size, mesh)
 
     @jax.jit
     def enc(p, x):
@@ -135,6 +130,29 @@ def sample_timesteps(key: jax.Array, n: int, num_train_timesteps: int,
     return jnp.clip(t, 0, num_train_timesteps - 1)
 
 
+def ldm_loss(unet_cfg: unet_lib.UNet2DConditionConfig, text_cfg: CLIPTextConfig,
+             sched_cfg: schedulers.SchedulerConfig, params: PyTree, batch: dict,
+             rng: jax.Array, *, uncond_ids: jax.Array, uncond_mask: jax.Array,
+             caption_dropout: float, timestep_power: float = 1.0) -> tuple[jax.Array, dict]:
+    """The LDM training loss (scalar f32, no metrics): :func:`diffusion_loss` at timesteps
+    from :func:`sample_timesteps`, with each caption replaced by the empty one
+    (``uncond_ids``/``uncond_mask`` int32[L]) with probability ``caption_dropout``.
+
+    ``batch``: ``latents`` f32[B,h,w,C], ``ids``/``mask`` int32[B,L]. A ``loss_fn`` for
+    :func:`t2i_mia.training.loop.make_train_step` once the configs and keywords are bound.
+    """
+    kt, kn, kd = jax.random.split(rng, 3)
+    b = batch["latents"].shape[0]
+    t = sample_timesteps(kt, b, sched_cfg.num_train_timesteps, timestep_power)
+    noise = jax.random.normal(kn, batch["latents"].shape)
+    drop = jax.random.bernoulli(kd, caption_dropout, (b,))[:, None]
+    cids = jnp.where(drop, uncond_ids[None], batch["ids"])
+    cmask = jnp.where(drop, uncond_mask[None], batch["mask"])
+    per_ex = diffusion_loss(unet_cfg, text_cfg, sched_cfg, params, batch["latents"], cids,
+                            cmask, t, noise)
+    return jnp.mean(per_ex.astype(jnp.float32)), {}
+
+
 def train_ldm(unet_cfg: unet_lib.UNet2DConditionConfig, text_cfg: CLIPTextConfig,
               sched_cfg: schedulers.SchedulerConfig, latents: np.ndarray, ids: np.ndarray,
               mask: np.ndarray, uncond_ids: np.ndarray, uncond_mask: np.ndarray,
@@ -152,7 +170,7 @@ def train_ldm(unet_cfg: unet_lib.UNet2DConditionConfig, text_cfg: CLIPTextConfig
       timestep_power: p of :func:`sample_timesteps` (1 = uniform).
     Returns: ``{"unet": ..., "text": ...}`` (the EMA parameters when EMA is on).
     """
-    bs = _round_batch(tc.batch_size, mesh)
+    bs = round_batch(tc.batch_size, mesh)
     k0, k1 = jax.random.split(jax.random.PRNGKey(seed))
     params = {"unet": unet_lib.init_params(unet_cfg, k0, context_len=ids.shape[1]),
               "text": text_params if text_params is not None
@@ -161,22 +179,10 @@ def train_ldm(unet_cfg: unet_lib.UNet2DConditionConfig, text_cfg: CLIPTextConfig
     if not train_text:
         tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
                                    {"unet": "train", "text": "frozen"})
-    T = sched_cfg.num_train_timesteps
-    u_ids = jnp.asarray(uncond_ids)
-    u_mask = jnp.asarray(uncond_mask)
-
-    def loss_fn(p, batch, rng):
-        kt, kn, kd = jax.random.split(rng, 3)
-        b = batch["latents"].shape[0]
-        t = sample_timesteps(kt, b, T, timestep_power)
-        noise = jax.random.normal(kn, batch["latents"].shape)
-        drop = jax.random.bernoulli(kd, caption_dropout, (b,))[:, None]
-        cids = jnp.where(drop, u_ids[None], batch["ids"])
-        cmask = jnp.where(drop, u_mask[None], batch["mask"])
-        loss = jnp.mean(diffusion_loss(unet_cfg, text_cfg, sched_cfg, p, batch["latents"],
-                                       cids, cmask, t, noise))
-        return loss, {}
-
+    loss_fn = functools.partial(ldm_loss, unet_cfg, text_cfg, sched_cfg,
+                                uncond_ids=jnp.asarray(uncond_ids),
+                                uncond_mask=jnp.asarray(uncond_mask),
+                                caption_dropout=caption_dropout, timestep_power=timestep_power)
     index = epoch_batches(len(latents), bs, seed)
 
     def batch_fn(step):
