@@ -15,11 +15,18 @@ import os
 import sys
 
 import jax
+from jax.sharding import AbstractMesh
 
 from t2i_mia.config import DATA_SOURCES, PRESETS, TARGETS, Config, load_config
 from t2i_mia.data.sources import shard_limit
 from t2i_mia.errors import ConfigError, T2IMiaError
+from t2i_mia.models import autoencoder_kl
+from t2i_mia.models import dallebart as db
+from t2i_mia.models import unet as unet_lib
+from t2i_mia.models import vqgan as vq
+from t2i_mia.models.clip import CLIPConfig, CLIPTextConfig, init_clip, init_clip_text
 from t2i_mia.models.configs import check_model_configs
+from t2i_mia.parallel.mesh import AXES, config_rules, model_split
 from t2i_mia.parallel.distributed import initialize_from_env
 from t2i_mia.pipeline.paths import RunPaths
 
@@ -245,6 +252,7 @@ def plan(cfg: Config, paths: RunPaths, what: str) -> str:
         f"  mesh          data={data_ax} x model={cfg.mesh.model} over {n_dev} "
         f"{jax.default_backend()} device(s)",
     ]
+    lines += sharding_lines(cfg, max(1, data_ax), paths)
     if cfg.data.sets.explicit:
         lines.append("  models        given: nothing of the target's kind is trained")
     elif cfg.target == "ldm":
@@ -290,6 +298,47 @@ def plan(cfg: Config, paths: RunPaths, what: str) -> str:
         "manifest.json",
     ]
     return "\n".join(lines)
+
+
+def _planned_models(cfg: Config, paths: RunPaths) -> dict:
+    """Parameter shapes (ShapeDtypeStructs, no compute) of the models this run would train
+    or sample with, by name."""
+    key = jax.random.key(0)
+    shapes = {}
+    if not (cfg.data.sets.explicit or paths.target_dir):
+        if cfg.target == "ldm":
+            shapes["autoencoder"] = autoencoder_kl.param_shapes(
+                autoencoder_kl.AutoencoderKLConfig.from_dict(cfg.ldm.vae))
+            shapes["unet"] = unet_lib.param_shapes(
+                unet_lib.UNet2DConditionConfig.from_dict(cfg.ldm.unet))
+            text_cfg = CLIPTextConfig.from_dict(cfg.ldm.text_encoder)
+            shapes["text encoder"] = jax.eval_shape(lambda k: init_clip_text(text_cfg, k), key)
+        elif cfg.target == "dalle-mini":
+            vq_cfg = vq.VQGANConfig.from_dict(cfg.dalle.vqgan)
+            size = cfg.data.image_size
+            shapes["vqgan"] = jax.eval_shape(lambda k: vq.init_vqgan(vq_cfg, k, size), key)
+            bart = db.DalleBartConfig.from_dict(cfg.dalle.bart)
+            shapes["dallebart"] = jax.eval_shape(lambda k: db.init_dallebart(bart, k), key)
+    if not cfg.adversary.encoder.dir:
+        clip_cfg = CLIPConfig.from_dict(cfg.adversary.encoder.clip)
+        shapes["clip encoder"] = jax.eval_shape(lambda k: init_clip(clip_cfg, k), key)
+    return shapes
+
+
+def sharding_lines(cfg: Config, data_axis: int, paths: RunPaths) -> list[str]:
+    """One line per model: ``<model>: sharded over model: N of M parameters`` on the planned
+    mesh (``mesh.data`` x ``mesh.model``) under ``mesh.rules``."""
+    mesh = AbstractMesh((data_axis, cfg.mesh.model), AXES)
+    rules = config_rules(cfg)
+    out = []
+    for name, shapes in _planned_models(cfg, paths).items():
+        n, total = model_split(shapes, mesh, rules)
+        # float32 parameters; Adam keeps two moments of each
+        per_dev = 4 * (total - n + n / cfg.mesh.model) / 2 ** 20
+        out.append(f"  {name}: sharded over model: {n:,} of {total:,} parameters "
+                   f"(per device: {per_dev:.1f} MiB of parameters + {2 * per_dev:.1f} MiB of "
+                   f"Adam moments)")
+    return out
 
 
 def _data_location(cfg: Config) -> str:

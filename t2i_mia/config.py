@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -31,11 +32,25 @@ AUX_MODES = ("shadow", "partial", "none")
 MLP_EMBEDDINGS = ("auto", "always", "never")
 
 
+# Sharding rules, as data (big_vision style): ``[regex, axis of dim 0, axis of dim 1, ...]``,
+# null keeping that dimension whole. A parameter (and with it its optimiser moments and EMA)
+# takes the first rule whose regex matches its ``/``-joined path and whose axis count is its
+# rank; a parameter no rule matches is replicated. The defaults split the output features of
+# every Dense kernel (in, out) and conv kernel (h, w, in, out) over ``model``.
+DEFAULT_SHARDING_RULES: tuple[tuple[str | None, ...], ...] = (
+    (r"(^|/)kernel$", None, "model"),
+    (r"(^|/)kernel$", None, None, None, "model"),
+)
+
+
 @dataclass
 class MeshConfig:
-    """Device mesh: axes ``data`` x ``model``; -1 = all remaining devices."""
+    """Device mesh: axes ``data`` x ``model``; -1 = all remaining devices. ``rules`` say
+    which parameter dimensions the ``model`` axis splits (see DEFAULT_SHARDING_RULES); they
+    apply to every model's training state and to its parameters for generation."""
     data: int = -1
     model: int = 1
+    rules: tuple[tuple[str | None, ...], ...] = DEFAULT_SHARDING_RULES
 
 
 @dataclass
@@ -633,6 +648,16 @@ def validate(cfg: Config) -> Config:
            f"must be >= 0 (0 = no coarse pixel feature), got {a.pixel_coarse_side}")
     _check(cfg.mesh.model >= 1, "mesh.model", "must be >= 1")
     _check(cfg.mesh.data == -1 or cfg.mesh.data >= 1, "mesh.data", "must be -1 or >= 1")
+    for i, rule in enumerate(cfg.mesh.rules):
+        where = f"mesh.rules[{i}]"
+        _check(len(rule) >= 2 and isinstance(rule[0], str), where,
+               f"expected [regex, axis, ...] (an axis, or null, per dimension), got {list(rule)}")
+        try:
+            re.compile(rule[0])
+        except re.error as e:
+            raise ConfigError(f"config key '{where}': {rule[0]!r} is not a valid regex ({e})")
+        _check(all(a in (None, "data", "model") for a in rule[1:]), where,
+               f"axes must be 'data', 'model' or null, got {list(rule[1:])}")
     _check(0.0 <= cfg.ldm.caption_dropout < 1.0, "ldm.caption_dropout", "must be in [0, 1)")
     _check(cfg.ldm.timestep_power > 0, "ldm.timestep_power", "must be > 0")
     _check(cfg.adversary.encoder.image_ssl_weight >= 0, "adversary.encoder.image_ssl_weight",

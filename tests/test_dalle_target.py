@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from t2i_mia.config import DalleSampleConfig, TrainConfig, get_config
 from t2i_mia.data.synthetic import SyntheticCaptions
@@ -168,14 +169,21 @@ def test_generate_shape_dtype_and_sampling(model, data):
     assert t.image_size == SIZE
 
 
-def test_sharded_generation_equals_single_device(model, data):
-    """8 fake devices vs one: same per-row keys and per-row arithmetic, so the sampled tokens
-    (and hence the decoded images) are exactly equal."""
+@pytest.mark.parametrize("shape", [(8, 1), (4, 2)])
+def test_sharded_generation_equals_single_device(model, data, shape):
+    """8 fake devices (8 x 1, or 4 x 2 with the DalleBart's kernels split over 'model') vs
+    one: same per-row keys and per-row arithmetic, so the sampled tokens (and hence the
+    decoded images) are exactly equal."""
     assert len(jax.devices()) == 8
     caps, ids = _queries(data)
     one = _target(model, _mesh1())
-    eight = _target(model, make_mesh())
-    assert eight.mesh.shape["data"] == 8
+    eight = _target(model, make_mesh(*shape))
+    assert eight.mesh.shape["data"] == shape[0]
+    if shape[1] == 2:  # the large kernels are split over 'model': each device holds half
+        layer = eight.params["bart"]["model"]["decoder"]["layers"]["FlaxBartDecoderLayer_0"]
+        fc = layer["GLU_0"]["Dense_0"]["kernel"]  # (d_model, ffn)
+        assert fc.sharding.spec == P(None, "model")
+        assert fc.addressable_shards[0].data.shape == (fc.shape[0], fc.shape[1] // 2)
     im1, tk1 = one.generate_with_tokens(caps, ids, 2, progress=False)
     im8, tk8 = eight.generate_with_tokens(caps, ids, 2, progress=False)
     assert len(im8.sharding.device_set) == 8

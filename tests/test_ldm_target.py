@@ -6,6 +6,7 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from t2i_mia.config import DiffusionSampleConfig, get_config
 from t2i_mia.errors import DataError
@@ -60,6 +61,26 @@ def test_sharded_sampling_equals_single_device(comps):
     # level at a .5 boundary, and almost none do.
     diff = np.abs(a.astype(int) - b.astype(int))
     assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
+
+
+def test_model_axis_splits_the_unet_and_sampling_still_matches(comps):
+    """On a 4 x 2 mesh the U-Net's large kernels are split over 'model' (each device holds
+    half of every output-channel axis) and the images equal the single-device ones. The
+    model-split convolutions sum their input channels per device then all-reduce: another
+    float32 order, so the same one-level uint8 tolerance as for the data split holds."""
+    ids = [11, 3, 250, 7, 42]
+    one = LDMTarget(comps, SAMPLE, seed=5, mesh=make_mesh(devices=jax.devices()[:1]))
+    split = LDMTarget(comps, SAMPLE, seed=5, mesh=make_mesh(data=4, model=2))
+    conv = split.params["unet"]["up_blocks_0"]["resnets_0"]["conv1"]["kernel"]  # 3x3x256x128
+    assert conv.sharding.spec == P(None, None, None, "model")
+    assert conv.addressable_shards[0].data.shape == conv.shape[:3] + (conv.shape[3] // 2,)
+    assert split.param_shardings["unet"]["up_blocks_0"]["resnets_0"]["conv1"]["kernel"] == \
+        conv.sharding
+    a = np.asarray(one.generate(CAPTIONS, ids, 2, progress=False))
+    b = np.asarray(split.generate(CAPTIONS, ids, 2, progress=False))
+    diff = np.abs(a.astype(int) - b.astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
+    assert a.std() > 5  # not two blank images
 
 
 def test_images_do_not_depend_on_batch_size_or_order(comps):

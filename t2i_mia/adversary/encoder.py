@@ -21,7 +21,7 @@ from t2i_mia.errors import CheckpointError
 from t2i_mia.models.clip import CLIP_MEAN, CLIP_STD, CLIPConfig, CLIPModel, load_clip, save_clip
 from t2i_mia.models.tokenizer import TextTokenizer
 from t2i_mia.parallel.batching import batched_apply, round_batch
-from t2i_mia.parallel.mesh import batch_sharding, replicated
+from t2i_mia.parallel.mesh import DEFAULT_RULES, Rules, batch_sharding, place_params
 from t2i_mia.targets.factory import cache_key
 from t2i_mia.training.clip_train import train_clip
 
@@ -43,16 +43,17 @@ def device_preprocess(images: jax.Array, size: int) -> jax.Array:
 
 class Encoder:
     """``embed_images(uint8[N,H,W,3]) -> f32[N,P]`` and ``embed_texts(list[str]) ->
-    f32[N,P]``, both L2-normalised, computed in fixed-size jitted batches over the mesh."""
+    f32[N,P]``, both L2-normalised, computed in fixed-size jitted batches over the mesh
+    (the batch over its data axis, the parameters split over its model axis by ``rules``)."""
     def __init__(self, cfg: CLIPConfig, params: PyTree, tokenizer: TextTokenizer, mesh: Mesh,
-                 batch_size: int = 256):
+                 batch_size: int = 256, rules: Rules = DEFAULT_RULES):
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.mesh = mesh
         self.batch_size = round_batch(batch_size, mesh)
         if isinstance(params, dict) and set(params) == {"params"}:
             params = params["params"]  # accept variables as well as the bare tree
-        self.params = jax.device_put(params, replicated(mesh))
+        self.params = place_params(params, mesh, rules)
         model = CLIPModel(cfg)
         size = cfg.vision_config.image_size
 
@@ -82,7 +83,7 @@ class Encoder:
         return self._batched(self._txt, jnp.asarray(ids), jnp.asarray(mask))
 
 
-def load_encoder(folder: str, mesh: Mesh) -> Encoder:
+def load_encoder(folder: str, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Encoder:
     """A local HF Flax CLIP checkpoint: config.json + flax_model.msgpack + tokenizer files
     (tokenizer.json, or vocab.json + merges.txt)."""
     if not os.path.isdir(folder):
@@ -90,11 +91,12 @@ def load_encoder(folder: str, mesh: Mesh) -> Encoder:
                               "Flax CLIP checkpoint: config.json, flax_model.msgpack, tokenizer)")
     cfg, params = load_clip(folder)
     tok = TextTokenizer.from_folder(folder)
-    return Encoder(cfg, params, tok, mesh)
+    return Encoder(cfg, params, tok, mesh, rules=rules)
 
 
 def train_or_load_encoder(enc_cfg, images: np.ndarray, captions: list[str], aux_hash: str,
-                          seed: int, cache, mesh: Mesh) -> Encoder:
+                          seed: int, cache, mesh: Mesh, rules: Rules = DEFAULT_RULES
+                          ) -> Encoder:
     """CLIP trained contrastively on the auxiliary split (cached like every model)."""
     section = dataclasses.asdict(enc_cfg)
     if section.get("image_ssl_weight") == 0.0:  # the default keeps earlier cache keys
@@ -104,15 +106,15 @@ def train_or_load_encoder(enc_cfg, images: np.ndarray, captions: list[str], aux_
     folder = cache.model_dir("encoder", key)
     if cache.done("encoder", key):
         log.info("encoder: cached %s", folder)
-        return load_encoder(folder, mesh)
+        return load_encoder(folder, mesh, rules)
     cfg = CLIPConfig.from_dict(enc_cfg.clip, "config 'adversary.encoder.clip'")
     tok = TextTokenizer.train(captions, vocab_size=enc_cfg.vocab_size,
                               max_length=enc_cfg.max_text_length)
     params = train_clip(images, captions, tok, cfg, enc_cfg.train, seed,
                         image_ssl_weight=enc_cfg.image_ssl_weight, mesh=mesh,
-                        ckpt_dir=cache.ckpt_dir("encoder", key))
+                        ckpt_dir=cache.ckpt_dir("encoder", key), rules=rules)
     os.makedirs(folder, exist_ok=True)
     save_clip(folder, cfg, params)
     tok.save(folder)
     cache.mark_done("encoder", key, {"trained_on": "auxiliary", "n": int(len(images))})
-    return Encoder(cfg, params, tok, mesh)
+    return Encoder(cfg, params, tok, mesh, rules=rules)

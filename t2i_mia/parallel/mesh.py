@@ -26,7 +26,7 @@ produces. Outputs come back with :func:`t2i_mia.parallel.distributed.gather_to_h
 from __future__ import annotations
 
 import re
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -34,20 +34,36 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from t2i_mia.config import DEFAULT_SHARDING_RULES
 from t2i_mia.errors import ConfigError
 
 PyTree = Any
 P = PartitionSpec
+Rules = Sequence[tuple[str, PartitionSpec]]
 
 AXES = ("data", "model")
+
+
+def rules_from_config(rows: Sequence[Sequence[str | None]],
+                      where: str = "mesh.rules") -> tuple[tuple[str, PartitionSpec], ...]:
+    """Config rows ``[regex, axis of dim 0, ...]`` (``mesh.rules``) -> ``(regex, spec)``."""
+    out = []
+    for i, row in enumerate(rows):
+        if len(row) < 2 or not isinstance(row[0], str):
+            raise ConfigError(f"{where}[{i}]: expected [regex, axis, ...], got {list(row)}")
+        out.append((row[0], P(*row[1:])))
+    return tuple(out)
+
+
+def config_rules(cfg) -> tuple[tuple[str, PartitionSpec], ...]:
+    """The sharding rules of a :class:`t2i_mia.config.Config` (its ``mesh.rules``)."""
+    return rules_from_config(cfg.mesh.rules)
+
 
 # Rank-2 kernels (Dense layers, 1x1 projections): output features over 'model'. Rank-4 conv
 # kernels (H, W, in, out): output channels over 'model'. Both are no-ops when model == 1, and
 # a kernel whose output size the model axis does not divide stays replicated.
-DEFAULT_RULES: tuple[tuple[str, PartitionSpec], ...] = (
-    (r"(^|/)kernel$", P(None, "model")),
-    (r"(^|/)kernel$", P(None, None, None, "model")),
-)
+DEFAULT_RULES: tuple[tuple[str, PartitionSpec], ...] = rules_from_config(DEFAULT_SHARDING_RULES)
 
 
 def make_mesh(data: int = -1, model: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
@@ -162,6 +178,35 @@ def param_shardings(params: PyTree, mesh: Mesh,
         return NamedSharding(mesh, P())
 
     return jax.tree_util.tree_map_with_path(one, params)
+
+
+def place_params(params: PyTree, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> PyTree:
+    """``params`` (host or device arrays) on the mesh, split by ``rules``: each device
+    receives only its own shard."""
+    return jax.device_put(params, param_shardings(params, mesh, rules))
+
+
+def init_sharded(init_fn: Callable[..., PyTree], mesh: Mesh, rules: Rules, *args) -> PyTree:
+    """``init_fn(*args)`` run as one program whose outputs are born split by ``rules``
+    (``jax.jit`` with ``out_shardings``): no device ever holds a whole sharded parameter.
+    The values equal ``init_fn(*args)``'s (random bits do not depend on the sharding)."""
+    shapes = jax.eval_shape(init_fn, *args)
+    return jax.jit(init_fn, out_shardings=param_shardings(shapes, mesh, rules))(*args)
+
+
+def model_split(params: PyTree, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> tuple[int, int]:
+    """(parameters split over a ``model`` axis of size > 1, all parameters) of ``params``
+    (arrays or ShapeDtypeStructs); the first is 0 on a mesh with ``model == 1``."""
+    shardings = param_shardings(params, mesh, rules)
+    split = total = 0
+    for leaf, sh in zip(jax.tree.leaves(params), jax.tree.leaves(shardings)):
+        n = int(np.prod(np.shape(leaf), dtype=np.int64))
+        total += n
+        axes = [a for ax in tuple(sh.spec) if ax is not None
+                for a in (ax if isinstance(ax, tuple) else (ax,))]
+        if "model" in axes and mesh.shape["model"] > 1:
+            split += n
+    return split, total
 
 
 def _local_data_shards(mesh: Mesh) -> int:

@@ -44,7 +44,7 @@ from t2i_mia.models import vqgan as vq
 from t2i_mia.models.text_normalize import fit_token_ids, normalize_text
 from t2i_mia.models.tokenizer import TextTokenizer
 from t2i_mia.parallel.batching import batched_apply, round_batch
-from t2i_mia.parallel.mesh import batch_sharding, replicated
+from t2i_mia.parallel.mesh import DEFAULT_RULES, Rules, batch_sharding, place_params
 from t2i_mia.targets.ldm import to_uint8
 from t2i_mia.targets.protocol import image_keys
 from t2i_mia.training.dalle_train import (
@@ -136,10 +136,12 @@ class DalleMiniTarget:
         super-conditioning), batch_size (rows per compiled call, rounded to the mesh).
       seed: root seed of the per-image keys.
       mesh: device mesh; rows are sharded over its ``data`` axis.
+      rules: how its ``model`` axis splits the parameters (``mesh.rules``).
     """
     def __init__(self, vqgan_cfg: vq.VQGANConfig, vqgan_params: PyTree,
                  bart_cfg: db.DalleBartConfig, bart_params: PyTree, tokenizer: TextTokenizer,
-                 sample: DalleSampleConfig, seed: int, mesh: Mesh, name: str = "dalle-mini"):
+                 sample: DalleSampleConfig, seed: int, mesh: Mesh, name: str = "dalle-mini",
+                 rules: Rules = DEFAULT_RULES):
         self.image_size = check_components(vqgan_cfg, bart_cfg, tokenizer, f"target {name}")
         if sample.top_k < 0:
             raise ConfigError(f"dalle.sample.top_k = {sample.top_k}: expected >= 0 (0 = off)")
@@ -156,16 +158,18 @@ class DalleMiniTarget:
         self.batch_size = round_batch(sample.batch_size, mesh)
         self._long_tok = with_max_length(tokenizer, bart_cfg.max_text_length + 1)
         self.uncond = empty_caption(tokenizer, bart_cfg)
-        self.params = jax.device_put({"vqgan": vqgan_params, "bart": bart_params},
-                                     replicated(mesh))
+        self.rules = rules
+        self.params = place_params({"vqgan": vqgan_params, "bart": bart_params}, mesh, rules)
+        self.param_shardings = jax.tree.map(lambda x: x.sharding, self.params)
         self._sample = self._build_sampler()
         self._nll = None
 
     @classmethod
     def from_components(cls, comps: DalleMiniComponents, sample: DalleSampleConfig, seed: int,
-                        mesh: Mesh, name: str = "dalle-mini") -> "DalleMiniTarget":
+                        mesh: Mesh, name: str = "dalle-mini", rules: Rules = DEFAULT_RULES
+                        ) -> "DalleMiniTarget":
         return cls(comps.vqgan_cfg, comps.vqgan_params, comps.bart_cfg, comps.bart_params,
-                   comps.tokenizer, sample, seed, mesh, name)
+                   comps.tokenizer, sample, seed, mesh, name, rules)
 
     def encode_text(self, captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """captions -> (ids, mask) int32[N, max_text_length], as the model was trained."""
@@ -194,7 +198,7 @@ class DalleMiniTarget:
             return to_uint8(images), tokens
 
         bs = batch_sharding(self.mesh, 2)
-        return jax.jit(sample, in_shardings=(replicated(self.mesh), bs, bs, bs),
+        return jax.jit(sample, in_shardings=(self.param_shardings, bs, bs, bs),
                        out_shardings=(batch_sharding(self.mesh, 4), bs))
 
     def generate_with_tokens(self, captions: Sequence[str], ids: Sequence[int], k: int,
@@ -236,13 +240,14 @@ class DalleMiniTarget:
         if images.shape[1:3] != (self.image_size, self.image_size):
             raise DataError(f"white_box_loss: images {images.shape}, expected "
                             f"[N, {self.image_size}, {self.image_size}, 3] (the model's size)")
-        tokens = encode_tokens(self.vqgan_cfg, self.params["vqgan"], images, self.mesh)
+        tokens = encode_tokens(self.vqgan_cfg, self.params["vqgan"], images, self.mesh,
+                               rules=self.rules)
         tok_ids, tok_mask = self.encode_text(captions)
         if self._nll is None:
             bs = batch_sharding(self.mesh, 2)
             cfg = self.bart_cfg
             self._nll = jax.jit(lambda p, i, m, t: token_nll(cfg, p, i, m, t),
-                                in_shardings=(replicated(self.mesh), bs, bs, bs),
+                                in_shardings=(self.param_shardings["bart"], bs, bs, bs),
                                 out_shardings=batch_sharding(self.mesh, 1))
         return batched_apply(self._nll, self.params["bart"], (tok_ids, tok_mask, tokens),
                              self.batch_size, self.mesh, empty=np.zeros((0,), np.float32))

@@ -30,6 +30,7 @@ from t2i_mia.models.clip import CLIPTextConfig
 from t2i_mia.models.ldm import LDMComponents, load_stable_diffusion, save_stable_diffusion
 from t2i_mia.models.text_normalize import normalize_text
 from t2i_mia.models.tokenizer import TextTokenizer
+from t2i_mia.parallel.mesh import config_rules
 from t2i_mia.targets.dalle_mini import (
     CAPTION_DROPOUT,
     DalleMiniComponents,
@@ -90,7 +91,7 @@ def train_or_load_autoencoder(cfg: Config, pretrain_images: np.ndarray, pretrain
         return autoencoder_kl.load_vae(folder)
     vae_cfg, params = train_autoencoder(
         vae_cfg, pretrain_images, cfg.ldm.vae_train, kl_weight=cfg.ldm.vae_kl_weight,
-        seed=cfg.seed, mesh=mesh, ckpt_dir=cache.ckpt_dir("vae", key))
+        seed=cfg.seed, mesh=mesh, ckpt_dir=cache.ckpt_dir("vae", key), rules=config_rules(cfg))
     autoencoder_kl.save_vae(folder, vae_cfg, params)
     cache.mark_done("vae", key, {"trained_on": "pretrain", "n": int(len(pretrain_images))})
     return vae_cfg, params
@@ -130,7 +131,7 @@ def train_or_load_ldm(cfg: Config, name: str, images: np.ndarray, captions: list
     unet_cfg = unet_lib.UNet2DConditionConfig.from_dict(cfg.ldm.unet, "config 'ldm.unet'")
     text_cfg = CLIPTextConfig.from_dict(cfg.ldm.text_encoder, "config 'ldm.text_encoder'")
     sched_cfg = schedulers.SchedulerConfig.from_dict(cfg.ldm.scheduler, "config 'ldm.scheduler'")
-    latents = encode_latents(vae_cfg, vae_params, images, mesh)
+    latents = encode_latents(vae_cfg, vae_params, images, mesh, rules=config_rules(cfg))
     ids, mask = tokenizer.encode(captions)
     u_ids, u_mask = tokenizer.encode([""])
     # A different seed per model so target and shadow are independent draws.
@@ -138,7 +139,8 @@ def train_or_load_ldm(cfg: Config, name: str, images: np.ndarray, captions: list
     params = train_ldm(unet_cfg, text_cfg, sched_cfg, latents, ids, mask, u_ids[0], u_mask[0],
                        cfg.ldm.train, caption_dropout=cfg.ldm.caption_dropout, seed=seed,
                        timestep_power=cfg.ldm.timestep_power,
-                       mesh=mesh, ckpt_dir=cache.ckpt_dir(f"ldm-{name}", key))
+                       mesh=mesh, ckpt_dir=cache.ckpt_dir(f"ldm-{name}", key),
+                       rules=config_rules(cfg))
     comps = LDMComponents(vae_cfg=vae_cfg, vae_params=vae_params, unet_cfg=unet_cfg,
                           unet_params=params["unet"], text_cfg=text_cfg,
                           text_params=params["text"], tokenizer=tokenizer,
@@ -230,9 +232,10 @@ def train_or_load_vqgan(cfg: Config, images: np.ndarray, images_hash: str, cache
         c, p = vq.load_vqgan(folder)
         return c, p, key
     params = train_vqgan(vqgan_cfg, images, cfg.dalle.vqgan_train, seed=cfg.seed, mesh=mesh,
-                         ckpt_dir=cache.ckpt_dir("vqgan", key))
+                         ckpt_dir=cache.ckpt_dir("vqgan", key), rules=config_rules(cfg))
     vq.save_vqgan(folder, vqgan_cfg, params)
-    stats = vqgan_stats(vqgan_cfg, params, images[: min(len(images), 512)], mesh)
+    stats = vqgan_stats(vqgan_cfg, params, images[: min(len(images), 512)], mesh,
+                        config_rules(cfg))
     cache.mark_done("vqgan", key, {"trained_on": "pretrain", "n": int(len(images)), **stats})
     return vqgan_cfg, params, key
 
@@ -270,14 +273,15 @@ def train_or_load_dalle(cfg: Config, name: str, images: np.ndarray, captions: li
     if cache.done(f"dalle-{name}", key):
         log.info("dalle-mini %s: cached %s", name, folder)
         return load_dalle_mini(folder)
-    tokens = encode_tokens(vqgan_cfg, vqgan_params, images, mesh)
+    tokens = encode_tokens(vqgan_cfg, vqgan_params, images, mesh, rules=config_rules(cfg))
     ids, mask = tokenize_captions(captions, tokenizer, bart)
     u_ids, u_mask = empty_caption(tokenizer, bart)
     # A different seed per model so target and shadow are independent draws.
     seed = cfg.seed * 1000 + (int(hashlib.sha256(name.encode()).hexdigest(), 16) % 997)
     params = train_dallebart(bart, ids, mask, tokens, u_ids, u_mask, cfg.dalle.train,
                              caption_dropout=dropout, seed=seed, mesh=mesh,
-                             ckpt_dir=cache.ckpt_dir(f"dalle-{name}", key))
+                             ckpt_dir=cache.ckpt_dir(f"dalle-{name}", key),
+                             rules=config_rules(cfg))
     comps = DalleMiniComponents(vqgan_cfg, vqgan_params, bart, params, tokenizer)
     save_dalle_mini(folder, comps)
     cache.mark_done(f"dalle-{name}", key, {"trained_on": name, "n": int(len(images))})

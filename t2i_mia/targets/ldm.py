@@ -21,7 +21,7 @@ from t2i_mia.models import autoencoder_kl, schedulers, unet as unet_lib
 from t2i_mia.models.clip import CLIPTextModel
 from t2i_mia.models.ldm import LDMComponents
 from t2i_mia.parallel.batching import batched_apply, round_batch
-from t2i_mia.parallel.mesh import batch_sharding, replicated
+from t2i_mia.parallel.mesh import DEFAULT_RULES, Rules, batch_sharding, place_params
 from t2i_mia.targets.protocol import image_keys
 from t2i_mia.training.ldm_train import diffusion_loss, encode_latents
 
@@ -42,10 +42,11 @@ class LDMTarget:
       sample: DDIM steps, guidance scale, eta, batch size.
       seed: root seed of the per-image keys.
       mesh: device mesh; prompts are sharded over its ``data`` axis.
+      rules: how its ``model`` axis splits the parameters (``mesh.rules``).
     """
 
     def __init__(self, comps: LDMComponents, sample: DiffusionSampleConfig, seed: int,
-                 mesh: Mesh, name: str = "ldm"):
+                 mesh: Mesh, name: str = "ldm", rules: Rules = DEFAULT_RULES):
         self.comps = comps
         self.sample_cfg = sample
         self.mesh = mesh
@@ -58,8 +59,10 @@ class LDMTarget:
         text_params = comps.text_params
         if isinstance(text_params, dict) and set(text_params) == {"params"}:
             text_params = text_params["params"]  # variables or the bare tree
-        self.params = jax.device_put({"unet": comps.unet_params, "text": text_params,
-                                      "vae": comps.vae_params}, replicated(mesh))
+        self.rules = rules
+        self.params = place_params({"unet": comps.unet_params, "text": text_params,
+                                    "vae": comps.vae_params}, mesh, rules)
+        self.param_shardings = jax.tree.map(lambda x: x.sharding, self.params)
         u_ids, u_mask = comps.tokenizer.encode([""])
         self.uncond = (jnp.asarray(u_ids[0]), jnp.asarray(u_mask[0]))
         self._sample = self._build_sampler()
@@ -102,7 +105,7 @@ class LDMTarget:
             return to_uint8(images)
 
         bs = batch_sharding(self.mesh, 2)
-        return jax.jit(sample, in_shardings=(replicated(self.mesh), bs, bs, bs),
+        return jax.jit(sample, in_shardings=(self.param_shardings, bs, bs, bs),
                        out_shardings=batch_sharding(self.mesh, 4))
 
     def generate(self, captions: Sequence[str], ids: Sequence[int], k: int,
@@ -129,7 +132,8 @@ class LDMTarget:
         per-id noise (lower = more member-like). Outside the black-box threat model: a labelled
         upper-bound reference only."""
         c = self.comps
-        latents = encode_latents(c.vae_cfg, c.vae_params, np.asarray(images), self.mesh)
+        latents = encode_latents(c.vae_cfg, self.params["vae"], np.asarray(images), self.mesh,
+                                 rules=self.rules)
         tok_ids, tok_mask = c.tokenizer.encode(list(captions))
         T = c.scheduler_cfg.num_train_timesteps
         ts = jnp.asarray(np.linspace(0, T - 1, n_timesteps + 2)[1:-1].round().astype(np.int32))

@@ -39,7 +39,7 @@ from t2i_mia.models.clip import (
     preprocess_images,
 )
 from t2i_mia.models.tokenizer import TextTokenizer
-from t2i_mia.parallel.mesh import make_mesh
+from t2i_mia.parallel.mesh import DEFAULT_RULES, Rules, init_sharded, make_mesh
 from t2i_mia.training.loop import epoch_batches, train_with_config
 
 PyTree = Any
@@ -120,11 +120,12 @@ def clip_loss(model: CLIPModel, params: PyTree, batch: dict, rng: jax.Array,
 def train_clip(images: np.ndarray, captions: Sequence[str], tokenizer: TextTokenizer,
                cfg: CLIPConfig, tc: TrainConfig, seed: int, *, image_ssl_weight: float = 0.0,
                mesh: Mesh | None = None, ckpt_dir: str | None = None, progress: bool = True,
-               return_losses: bool = False):
+               return_losses: bool = False, rules: Rules = DEFAULT_RULES):
     """Trains CLIPModel(cfg) from scratch on pairs (images[i], captions[i]), plus
     ``image_ssl_weight`` times the image-image term (see the module docstring), on the
     shared loop (:mod:`t2i_mia.training.loop`): batches sharded over ``mesh``'s data axis
-    (default: one device), checkpoints every ``tc.checkpoint_every`` steps in ``ckpt_dir``
+    (default: one device), parameters and optimiser state split over its model axis by
+    ``rules``, checkpoints every ``tc.checkpoint_every`` steps in ``ckpt_dir``
     (resumed from when it holds one), EMA when ``tc.ema_decay`` > 0.
 
     images: uint8[N,H,W,3] (resized to the vision tower's image_size if needed);
@@ -166,7 +167,7 @@ def train_clip(images: np.ndarray, captions: Sequence[str], tokenizer: TextToken
 
     root = jax.random.key(seed)
     model = CLIPModel(cfg)
-    params = init_clip(cfg, jax.random.fold_in(root, 0))
+    params = init_sharded(lambda k: init_clip(cfg, k), mesh, rules, jax.random.fold_in(root, 0))
     tx = make_optimizer(tc)
     ssl = float(image_ssl_weight)
 
@@ -182,7 +183,7 @@ def train_clip(images: np.ndarray, captions: Sequence[str], tokenizer: TextToken
     # the state's rng is the augmentation stream: step s draws fold_in(rng, s)
     out, history = train_with_config(loss_fn, tx, params, jax.random.fold_in(root, 2),
                                      batch_fn, tc, mesh, ckpt_dir=ckpt_dir, desc="clip",
-                                     progress=progress)
+                                     progress=progress, rules=rules)
     if return_losses:
         return out, np.asarray([h["loss"] for h in history], np.float32)
     return out

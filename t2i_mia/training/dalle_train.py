@@ -32,7 +32,8 @@ from t2i_mia.errors import DataError
 from t2i_mia.models import dallebart as db
 from t2i_mia.models import vqgan as vq
 from t2i_mia.parallel.batching import batched_apply, round_batch
-from t2i_mia.parallel.mesh import batch_sharding, replicated
+from t2i_mia.parallel.mesh import (DEFAULT_RULES, Rules, batch_sharding, init_sharded,
+                                   place_params)
 from t2i_mia.training.ldm_train import make_optimizer, to_unit_range
 from t2i_mia.training.loop import (create_train_state, epoch_batches, jit_train_step,
                                    make_train_step, run_training, train_with_config)
@@ -78,7 +79,8 @@ def _restart_codes(table, usage, z_flat, key, do_restart, dead_threshold):
 def train_vqgan(cfg: vq.VQGANConfig, images: np.ndarray, tc: TrainConfig, *, seed: int,
                 mesh: Mesh, ckpt_dir: str | None, beta: float = 0.25,
                 restart_every: int = 25, restart_until: float = 0.8,
-                dead_threshold: float = 0.03, usage_decay: float = 0.95) -> PyTree:
+                dead_threshold: float = 0.03, usage_decay: float = 0.95,
+                rules: Rules = DEFAULT_RULES) -> PyTree:
     """Trains a VQGAN on uint8[N,H,W,3] images (the ``pretrain`` split); returns its params.
 
     Args:
@@ -97,12 +99,15 @@ def train_vqgan(cfg: vq.VQGANConfig, images: np.ndarray, tc: TrainConfig, *, see
     tokens_per_image = (images.shape[1] // cfg.downsample_factor) ** 2
     m = bs * tokens_per_image
     until = int(restart_until * tc.steps)
-    params = {"vq": vq.init_vqgan(cfg, jax.random.PRNGKey(seed), image_size=images.shape[1]),
+    size = images.shape[1]
+    params = {"vq": init_sharded(lambda k: vq.init_vqgan(cfg, k, image_size=size), mesh, rules,
+                                 jax.random.PRNGKey(seed)),
               "usage": jnp.zeros((n_codes,), jnp.float32)}
     # The usage EMA rides in the params tree (so it is checkpointed) but is not optimised.
     tx = optax.multi_transform({"train": make_optimizer(tc), "frozen": optax.set_to_zero()},
                                {"vq": "train", "usage": "frozen"})
-    state = create_train_state(params, tx, jax.random.PRNGKey(seed + 1), ema=False)
+    state = create_train_state(params, tx, jax.random.PRNGKey(seed + 1), ema=False, mesh=mesh,
+                               rules=rules)
 
     def loss_fn(p, batch, rng):
         loss, metrics, aux = vq_objective(cfg, p["vq"], to_unit_range(batch["image"]),
@@ -131,19 +136,19 @@ def train_vqgan(cfg: vq.VQGANConfig, images: np.ndarray, tc: TrainConfig, *, see
 
     index = epoch_batches(len(images), bs, seed)
     batch_fn = lambda step: {"image": images[index(step)]}  # noqa: E731
-    step_fn = jit_train_step(train_step, mesh, state, batch_fn(0))
+    step_fn = jit_train_step(train_step, mesh, state, batch_fn(0), rules)
     state, _ = run_training(state=state, train_step=step_fn, batch_fn=batch_fn,
                             num_steps=tc.steps, mesh=mesh, ckpt_dir=ckpt_dir,
                             checkpoint_every=tc.checkpoint_every, desc="vqgan")
     params = jax.device_get(state.params["vq"])
-    stats = vqgan_stats(cfg, params, images[: min(len(images), 512)], mesh)
+    stats = vqgan_stats(cfg, params, images[: min(len(images), 512)], mesh, rules)
     log.info("vqgan: %d steps, reconstruction PSNR %.2f dB, %d/%d codes used (perplexity "
              "%.1f) on %d pretrain images", tc.steps, stats["psnr"], stats["codes_used"],
              n_codes, stats["perplexity"], stats["n"])
     return params
 
 
-def _encode_decode_fn(cfg: vq.VQGANConfig, mesh: Mesh):
+def _encode_decode_fn(cfg: vq.VQGANConfig, mesh: Mesh, param_sh: PyTree):
     model = vq.VQModel(cfg)
 
     def run(p, x_u8):
@@ -152,18 +157,18 @@ def _encode_decode_fn(cfg: vq.VQGANConfig, mesh: Mesh):
         rec = model.apply({"params": p}, z_q, method=vq.VQModel.decode)
         return idx, jnp.mean((x - rec) ** 2, axis=(1, 2, 3))
 
-    return jax.jit(run, in_shardings=(replicated(mesh), batch_sharding(mesh, 4)),
+    return jax.jit(run, in_shardings=(param_sh, batch_sharding(mesh, 4)),
                    out_shardings=(batch_sharding(mesh, 2), batch_sharding(mesh, 1)))
 
 
 def _encode(cfg: vq.VQGANConfig, params: PyTree, images: np.ndarray, mesh: Mesh,
-            batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+            batch_size: int, rules: Rules) -> tuple[np.ndarray, np.ndarray]:
     """(tokens int32[N,(H/f)^2], reconstruction MSE f32[N]) on the host."""
     images = np.asarray(images)
     vq.check_image_size(cfg, images.shape, "encode_tokens: images")
-    fn = _encode_decode_fn(cfg, mesh)
+    p = place_params(params, mesh, rules)
+    fn = _encode_decode_fn(cfg, mesh, jax.tree.map(lambda x: x.sharding, p))
     bs = round_batch(batch_size, mesh)
-    p = jax.device_put(params, replicated(mesh))
     side = images.shape[1] // cfg.downsample_factor
     toks, mses = batched_apply(fn, p, (images,), bs, mesh,
                                empty=(np.zeros((0, side * side), np.int32),
@@ -172,16 +177,17 @@ def _encode(cfg: vq.VQGANConfig, params: PyTree, images: np.ndarray, mesh: Mesh,
 
 
 def encode_tokens(cfg: vq.VQGANConfig, params: PyTree, images: np.ndarray, mesh: Mesh,
-                  batch_size: int = 256) -> np.ndarray:
+                  batch_size: int = 256, rules: Rules = DEFAULT_RULES) -> np.ndarray:
     """uint8[N,H,W,3] -> image tokens int32[N, (H/f)^2] (host), jitted and sharded over the
     mesh's data axis in fixed-size batches. DataError if the VQGAN cannot tokenise the size."""
-    return _encode(cfg, params, images, mesh, batch_size)[0]
+    return _encode(cfg, params, images, mesh, batch_size, rules)[0]
 
 
-def vqgan_stats(cfg: vq.VQGANConfig, params: PyTree, images: np.ndarray, mesh: Mesh) -> dict:
+def vqgan_stats(cfg: vq.VQGANConfig, params: PyTree, images: np.ndarray, mesh: Mesh,
+                rules: Rules = DEFAULT_RULES) -> dict:
     """Reconstruction PSNR (dB, images in [-1,1], from the mean MSE), codes used and code
     perplexity over ``images`` uint8[N,H,W,3]."""
-    tokens, mse = _encode(cfg, params, images, mesh, batch_size=256)
+    tokens, mse = _encode(cfg, params, images, mesh, 256, rules)
     counts = np.bincount(tokens.reshape(-1), minlength=cfg.n_embed)
     probs = counts / max(counts.sum(), 1)
     nz = probs[probs > 0]
@@ -243,7 +249,7 @@ def check_dalle_data(cfg: db.DalleBartConfig, text_ids: np.ndarray, text_mask: n
 def train_dallebart(cfg: db.DalleBartConfig, text_ids: np.ndarray, text_mask: np.ndarray,
                     image_tokens: np.ndarray, uncond_ids: np.ndarray, uncond_mask: np.ndarray,
                     tc: TrainConfig, *, caption_dropout: float, seed: int, mesh: Mesh,
-                    ckpt_dir: str | None) -> PyTree:
+                    ckpt_dir: str | None, rules: Rules = DEFAULT_RULES) -> PyTree:
     """Trains DalleBart with teacher-forced cross-entropy on a model's members.
 
     Args:
@@ -268,7 +274,7 @@ def train_dallebart(cfg: db.DalleBartConfig, text_ids: np.ndarray, text_mask: np
     image_tokens = np.asarray(image_tokens, np.int32)
     bs = round_batch(tc.batch_size, mesh)
     k0, k1 = jax.random.split(jax.random.PRNGKey(seed))
-    params = db.init_dallebart(cfg, k0)
+    params = init_sharded(lambda k: db.init_dallebart(cfg, k), mesh, rules, k0)
     tx = make_optimizer(tc)
     u_ids_j, u_mask_j = jnp.asarray(u_ids), jnp.asarray(u_mask)
     use_dropout = cfg.dropout > 0 or cfg.attention_dropout > 0 or cfg.activation_dropout > 0
@@ -290,7 +296,7 @@ def train_dallebart(cfg: db.DalleBartConfig, text_ids: np.ndarray, text_mask: np
         return {"ids": text_ids[idx], "mask": text_mask[idx], "tokens": image_tokens[idx]}
 
     out, history = train_with_config(loss_fn, tx, params, k1, batch_fn, tc, mesh,
-                                     ckpt_dir=ckpt_dir, desc="dallebart")
+                                     ckpt_dir=ckpt_dir, desc="dallebart", rules=rules)
     if history:
         log.info("dallebart: %d steps on %d captions, final loss %.4f", tc.steps,
                  len(image_tokens), history[-1]["loss"])

@@ -23,7 +23,7 @@ from t2i_mia.config import TrainConfig
 from t2i_mia.models import autoencoder_kl, schedulers, unet as unet_lib
 from t2i_mia.models.clip import CLIPTextConfig, CLIPTextModel
 from t2i_mia.parallel.batching import batched_apply, round_batch
-from t2i_mia.parallel.mesh import replicated
+from t2i_mia.parallel.mesh import DEFAULT_RULES, Rules, init_sharded, place_params
 from t2i_mia.training.loop import (create_train_state, epoch_batches, jit_train_step,
                                    make_train_step, run_training, train_with_config)
 
@@ -48,7 +48,8 @@ def to_unit_range(images_u8: jax.Array) -> jax.Array:
 
 def train_autoencoder(cfg: autoencoder_kl.AutoencoderKLConfig, images: np.ndarray,
                       tc: TrainConfig, *, kl_weight: float, seed: int, mesh: Mesh,
-                      ckpt_dir: str | None) -> tuple[autoencoder_kl.AutoencoderKLConfig, PyTree]:
+                      ckpt_dir: str | None, rules: Rules = DEFAULT_RULES
+                      ) -> tuple[autoencoder_kl.AutoencoderKLConfig, PyTree]:
     """Trains the KL autoencoder on uint8[N,H,W,3] images (the ``pretrain`` split).
 
     Returns the config with ``scaling_factor`` set to 1/std of the trained latents (as Stable
@@ -56,8 +57,10 @@ def train_autoencoder(cfg: autoencoder_kl.AutoencoderKLConfig, images: np.ndarra
     """
     bs = round_batch(tc.batch_size, mesh)
     tx = make_optimizer(tc)
-    params = autoencoder_kl.init_params(cfg, jax.random.PRNGKey(seed))
-    state = create_train_state(params, tx, jax.random.PRNGKey(seed + 1), ema=False)
+    params = init_sharded(lambda k: autoencoder_kl.init_params(cfg, k), mesh, rules,
+                          jax.random.PRNGKey(seed))
+    state = create_train_state(params, tx, jax.random.PRNGKey(seed + 1), ema=False, mesh=mesh,
+                               rules=rules)
 
     def loss_fn(p, batch, rng):
         return autoencoder_kl.vae_loss(cfg, p, to_unit_range(batch["image"]), rng,
@@ -65,12 +68,13 @@ def train_autoencoder(cfg: autoencoder_kl.AutoencoderKLConfig, images: np.ndarra
 
     index = epoch_batches(len(images), bs, seed)
     batch_fn = lambda step: {"image": images[index(step)]}  # noqa: E731
-    step = jit_train_step(make_train_step(loss_fn, tx), mesh, state, batch_fn(0))
+    step = jit_train_step(make_train_step(loss_fn, tx), mesh, state, batch_fn(0), rules)
     state, _ = run_training(state=state, train_step=step, batch_fn=batch_fn, num_steps=tc.steps,
                             mesh=mesh, ckpt_dir=ckpt_dir, checkpoint_every=tc.checkpoint_every,
                             desc="autoencoder")
     params = jax.device_get(state.params)
-    lat = encode_latents(cfg, params, images[: min(len(images), 512)], mesh, scale=1.0)
+    lat = encode_latents(cfg, params, images[: min(len(images), 512)], mesh, scale=1.0,
+                         rules=rules)
     std = float(np.std(lat))
     cfg = dataclasses.replace(cfg, scaling_factor=float(1.0 / max(std, 1e-6)))
     log.info("autoencoder: latent std %.4f -> scaling_factor %.4f", std, cfg.scaling_factor)
@@ -78,8 +82,10 @@ def train_autoencoder(cfg: autoencoder_kl.AutoencoderKLConfig, images: np.ndarra
 
 
 def encode_latents(cfg: autoencoder_kl.AutoencoderKLConfig, params: PyTree, images: np.ndarray,
-                   mesh: Mesh, scale: float | None = None, batch_size: int = 256) -> np.ndarray:
-    """uint8[N,H,W,3] -> posterior means * scaling_factor, f32[N,h,w,C] (host)."""
+                   mesh: Mesh, scale: float | None = None, batch_size: int = 256,
+                   rules: Rules = DEFAULT_RULES) -> np.ndarray:
+    """uint8[N,H,W,3] -> posterior means * scaling_factor, f32[N,h,w,C] (host); the
+    parameters split over the mesh by ``rules``."""
     scale = cfg.scaling_factor if scale is None else scale
     model = autoencoder_kl.AutoencoderKL(cfg)
     bs = round_batch(batch_size, mesh)
@@ -89,13 +95,14 @@ def encode_latents(cfg: autoencoder_kl.AutoencoderKLConfig, params: PyTree, imag
         mean, _ = model.apply({"params": p}, to_unit_range(x), method="encode")
         return mean * scale
 
-    p = jax.device_put(params, replicated(mesh))
-    return batched_apply(enc, p, (np.asarray(images),), bs, mesh)
+    return batched_apply(enc, place_params(params, mesh, rules), (np.asarray(images),), bs, mesh)
 
 
-def init_text_encoder(cfg: CLIPTextConfig, seed: int, max_length: int) -> PyTree:
+def init_text_encoder(cfg: CLIPTextConfig, seed: int | jax.Array, max_length: int) -> PyTree:
+    """Fresh text-encoder parameters (``seed``: an int or a PRNG key)."""
+    key = jax.random.PRNGKey(seed) if isinstance(seed, int) else seed
     ids = jnp.zeros((1, max_length), jnp.int32)
-    return CLIPTextModel(cfg).init(jax.random.PRNGKey(seed), ids, jnp.ones_like(ids))["params"]
+    return CLIPTextModel(cfg).init(key, ids, jnp.ones_like(ids))["params"]
 
 
 def diffusion_loss(unet_cfg: unet_lib.UNet2DConditionConfig, text_cfg: CLIPTextConfig,
@@ -158,7 +165,8 @@ def train_ldm(unet_cfg: unet_lib.UNet2DConditionConfig, text_cfg: CLIPTextConfig
               mask: np.ndarray, uncond_ids: np.ndarray, uncond_mask: np.ndarray,
               tc: TrainConfig, *, caption_dropout: float, seed: int, mesh: Mesh,
               ckpt_dir: str | None, text_params: PyTree | None = None,
-              train_text: bool = True, timestep_power: float = 1.0) -> PyTree:
+              train_text: bool = True, timestep_power: float = 1.0,
+              rules: Rules = DEFAULT_RULES) -> PyTree:
     """Trains U-Net (+ text encoder) on a model's members.
 
     Args:
@@ -168,13 +176,17 @@ def train_ldm(unet_cfg: unet_lib.UNet2DConditionConfig, text_cfg: CLIPTextConfig
         classifier-free guidance at sampling time).
       text_params: a pretrained text encoder (kept frozen unless ``train_text``).
       timestep_power: p of :func:`sample_timesteps` (1 = uniform).
+      rules: how the ``model`` axis splits the parameters (and so the training state).
     Returns: ``{"unet": ..., "text": ...}`` (the EMA parameters when EMA is on).
     """
     bs = round_batch(tc.batch_size, mesh)
     k0, k1 = jax.random.split(jax.random.PRNGKey(seed))
-    params = {"unet": unet_lib.init_params(unet_cfg, k0, context_len=ids.shape[1]),
-              "text": text_params if text_params is not None
-              else init_text_encoder(text_cfg, seed + 7, ids.shape[1])}
+    length = ids.shape[1]
+    params = {"unet": init_sharded(lambda k: unet_lib.init_params(unet_cfg, k, length), mesh,
+                                   rules, k0),
+              "text": text_params if text_params is not None else init_sharded(
+                  lambda k: init_text_encoder(text_cfg, k, length), mesh, rules,
+                  jax.random.PRNGKey(seed + 7))}
     tx = make_optimizer(tc)
     if not train_text:
         tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
@@ -190,5 +202,5 @@ def train_ldm(unet_cfg: unet_lib.UNet2DConditionConfig, text_cfg: CLIPTextConfig
         return {"latents": latents[idx], "ids": ids[idx], "mask": mask[idx]}
 
     out, _ = train_with_config(loss_fn, tx, params, k1, batch_fn, tc, mesh, ckpt_dir=ckpt_dir,
-                               desc="ldm")
+                               desc="ldm", rules=rules)
     return out

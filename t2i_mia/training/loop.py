@@ -36,7 +36,8 @@ from tqdm.auto import tqdm
 from t2i_mia.checkpoint import latest_step, restore_checkpoint, save_checkpoint
 from t2i_mia.config import TrainConfig
 from t2i_mia.errors import ConfigError
-from t2i_mia.parallel.mesh import batch_sharding, param_shardings, replicated, shard_batch
+from t2i_mia.parallel.mesh import (DEFAULT_RULES, Rules, batch_sharding, param_shardings,
+                                   replicated, shard_batch)
 from t2i_mia.training.ema import ema_update
 
 PyTree = Any
@@ -73,16 +74,26 @@ def _raw_key(rng: int | jax.Array) -> jax.Array:
 
 
 def create_train_state(params: PyTree, tx: optax.GradientTransformation,
-                       rng: int | jax.Array, ema: bool = False) -> TrainState:
-    """A fresh state at step 0 (``rng``: a seed, a uint32[2] key or a typed key)."""
+                       rng: int | jax.Array, ema: bool = False, *, mesh: Mesh | None = None,
+                       rules: Rules = ()) -> TrainState:
+    """A fresh state at step 0 (``rng``: a seed, a uint32[2] key or a typed key).
+
+    With ``mesh``, the whole state is created on it, split by ``rules`` (optimiser moments
+    and EMA follow their parameter): the optimiser state is born sharded, and ``params``
+    are placed shard by shard (no device holds a whole split parameter)."""
+    key = _raw_key(rng)
+
     def init(p):
         # The EMA is a copy, so donating the state does not donate one buffer twice.
-        return tx.init(p), (jax.tree.map(jnp.copy, p) if ema else None)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
+                          ema_params=jax.tree.map(jnp.copy, p) if ema else None, rng=key)
 
-    # One compiled program instead of one eager dispatch (and compile) per leaf.
-    opt_state, ema_params = jax.jit(init)(params)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
-                      ema_params=ema_params, rng=_raw_key(rng))
+    if mesh is None:
+        # One compiled program instead of one eager dispatch (and compile) per leaf.
+        return jax.jit(init)(params)
+    params = jax.device_put(params, param_shardings(params, mesh, rules))
+    shardings = param_shardings(jax.eval_shape(init, params), mesh, rules)
+    return jax.jit(init, out_shardings=shardings)(params)
 
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
@@ -313,14 +324,14 @@ def run_training(*, state: TrainState, train_step: Callable, batch_fn: Callable[
 def train_with_config(loss_fn: LossFn, tx: optax.GradientTransformation, params: PyTree,
                       rng: int | jax.Array, batch_fn: Callable[[int], PyTree], tc: TrainConfig,
                       mesh: Mesh, *, ckpt_dir: str | None, desc: str, progress: bool = True,
-                      rules: Sequence[tuple[str, PartitionSpec]] = ()
+                      rules: Rules = DEFAULT_RULES
                       ) -> tuple[PyTree, list[dict]]:
     """Trains ``params`` for ``tc.steps`` steps of ``loss_fn`` (see :func:`make_train_step`)
     on ``batch_fn``'s batches, with an EMA of decay ``tc.ema_decay`` when it is > 0 and a
     checkpoint every ``tc.checkpoint_every`` steps in ``ckpt_dir`` (resumed from when it
     holds one). Returns (the final parameters on the host, the EMA's with EMA; history)."""
     use_ema = tc.ema_decay > 0
-    state = create_train_state(params, tx, rng, ema=use_ema)
+    state = create_train_state(params, tx, rng, ema=use_ema, mesh=mesh, rules=rules)
     step = jit_train_step(make_train_step(loss_fn, tx, tc.ema_decay if use_ema else None),
                           mesh, state, batch_fn(0), rules)
     state, history = run_training(state=state, train_step=step, batch_fn=batch_fn,
