@@ -53,7 +53,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import flops as flops_lib  # noqa: E402  (bench/flops.py)
 import flax  # noqa: E402
-import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -248,29 +247,6 @@ def n_params(tree: PyTree) -> int:
     return int(sum(np.prod(x.shape, dtype=np.int64) for x in jax.tree_util.tree_leaves(tree)))
 
 
-def cast_floats(tree: PyTree, dtype) -> PyTree:
-    return jax.tree_util.tree_map(
-        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
-
-
-def compute_in(dtype):
-    """Mixed precision without touching the models: a flax method interceptor that casts
-    the floating inputs of every Dense / Conv / Embed call to ``dtype`` (with parameters
-    cast to ``dtype`` too, those layers then compute and return ``dtype``; norms keep f32
-    statistics). A no-op context for float32."""
-    if jnp.dtype(dtype) == jnp.float32:
-        return contextlib.nullcontext()
-
-    def interceptor(next_fun, args, kwargs, context):
-        if isinstance(context.module, (nn.Dense, nn.Conv, nn.DenseGeneral)) and \
-                context.method_name == "__call__":
-            args = tuple(a.astype(dtype) if isinstance(a, jax.Array) and
-                         jnp.issubdtype(a.dtype, jnp.floating) else a for a in args)
-        return next_fun(*args, **kwargs)
-
-    return nn.intercept_methods(interceptor)
-
-
 def random_ids(rng: np.random.Generator, batch: int, length: int, vocab: int) -> np.ndarray:
     return rng.integers(0, vocab, size=(batch, length), dtype=np.int32)
 
@@ -309,12 +285,13 @@ def bench_ldm_train(ctx: Ctx) -> Result:
     u_mask = jnp.zeros((length,), jnp.int32).at[:2].set(1)
     dtype = ctx.dtype
 
-    def loss_fn(p, batch, rng):  # train_ldm's loss, in the optional compute dtype
-        with compute_in(dtype):
-            return ldm_loss(unet_cfg, text_cfg, sched_cfg, cast_floats(p, dtype), batch, rng,
-                            uncond_ids=u_ids, uncond_mask=u_mask,
-                            caption_dropout=L.caption_dropout,
-                            timestep_power=L.timestep_power)
+    # train_ldm's loss under the precision policy: compute in ctx.dtype, float32 parameters
+    policy = {"dtype": dtype, "param_dtype": jnp.float32}
+
+    def loss_fn(p, batch, rng):
+        return ldm_loss(unet_cfg, text_cfg, sched_cfg, p, batch, rng, uncond_ids=u_ids,
+                        uncond_mask=u_mask, caption_dropout=L.caption_dropout,
+                        timestep_power=L.timestep_power, policy=policy)
 
     rng = np.random.default_rng(0)
     batch = {"latents": rng.standard_normal((bs, s, s, unet_cfg.in_channels), np.float32),
@@ -367,39 +344,35 @@ def bench_ddim(ctx: Ctx) -> Result:
         "unet": L.unet, "vae": L.vae, "text_encoder": L.text_encoder,
         "includes": "text encoding, guided DDIM loop, VAE decode to uint8 (both variants)",
         "mesh": "1 device"})
-    text = CLIPTextModel(text_cfg)
-    unet = unet_lib.UNet2DConditionModel(unet_cfg)
-    vae = autoencoder_kl.AutoencoderKL(vae_cfg)
+    policy = {"dtype": ctx.dtype, "param_dtype": jnp.float32}  # the precision policy
+    text = CLIPTextModel(text_cfg, **policy)
+    unet = unet_lib.UNet2DConditionModel(unet_cfg, **policy)
+    vae = autoencoder_kl.AutoencoderKL(vae_cfg, **policy)
     shapes = {
         "unet": unet_lib.param_shapes(unet_cfg),
         "text": jax.eval_shape(lambda k: text.init(k, jnp.zeros((1, length), jnp.int32))["params"],
                                jax.random.PRNGKey(0)),
         "vae": autoencoder_kl.param_shapes(vae_cfg),
     }
-    params = cast_floats(random_params(shapes, 0), ctx.dtype)
+    params = random_params(shapes, 0)  # float32 parameters; the models compute in ctx.dtype
     res.config["n_params"] = n_params(params)
     timesteps = jnp.asarray(schedulers.ddim_timesteps(sched, S))
     scale = vae_cfg.scaling_factor
     u_ids = jnp.zeros((length,), jnp.int32)
     u_mask = jnp.zeros((length,), jnp.int32).at[:2].set(1)
-    dtype = ctx.dtype
 
     def eps_fn(p, x, t, context):
-        with compute_in(dtype):
-            return unet.apply({"params": p["unet"]}, x, t, context).astype(jnp.float32)
+        return unet.apply({"params": p["unet"]}, x, t, context)
 
     def encode(p, ids, mask, keys):
-        with compute_in(dtype):
-            ctx_c = text.apply({"params": p["text"]}, ids, mask)[0]
-            ctx_u = text.apply({"params": p["text"]}, jnp.broadcast_to(u_ids, ids.shape),
-                               jnp.broadcast_to(u_mask, mask.shape))[0]
+        ctx_c = text.apply({"params": p["text"]}, ids, mask)[0]
+        ctx_u = text.apply({"params": p["text"]}, jnp.broadcast_to(u_ids, ids.shape),
+                           jnp.broadcast_to(u_mask, mask.shape))[0]
         x = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), lat_shape))(keys)
         return ctx_c, ctx_u, x
 
     def decode(p, z):
-        with compute_in(dtype):
-            img = vae.apply({"params": p["vae"]}, z / scale, method="decode")
-        return to_uint8(img.astype(jnp.float32))
+        return to_uint8(vae.apply({"params": p["vae"]}, z / scale, method="decode"))
 
     def one_jit(p, ids, mask, keys):  # LDMTarget's sampler, on one device
         ctx_c, ctx_u, x = encode(p, ids, mask, keys)

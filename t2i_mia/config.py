@@ -53,6 +53,19 @@ class MeshConfig:
     rules: tuple[tuple[str | None, ...], ...] = DEFAULT_SHARDING_RULES
 
 
+PRECISIONS = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class PrecisionConfig:
+    """Precision policy of every model (t2i_mia.models.precision): ``dtype`` for the matmuls
+    and convolutions, ``param_dtype`` for the stored parameters. ``bfloat16`` compute with
+    ``float32`` parameters is the accelerator setting; norms, softmax and losses stay
+    float32 whatever is chosen."""
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+
 @dataclass
 class SplitsConfig:
     """Number of examples per split of the manifest (docs/design.md: Data and splits)."""
@@ -221,6 +234,7 @@ class Config:
     target: str = "ldm"
     data: DataConfig = field(default_factory=DataConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     ldm: LDMConfig = field(default_factory=LDMConfig)
     dalle: DalleConfig = field(default_factory=DalleConfig)
     adversary: AdversaryConfig = field(default_factory=AdversaryConfig)
@@ -648,6 +662,9 @@ def validate(cfg: Config) -> Config:
            f"must be >= 0 (0 = no coarse pixel feature), got {a.pixel_coarse_side}")
     _check(cfg.mesh.model >= 1, "mesh.model", "must be >= 1")
     _check(cfg.mesh.data == -1 or cfg.mesh.data >= 1, "mesh.data", "must be -1 or >= 1")
+    for key in ("dtype", "param_dtype"):
+        _check(getattr(cfg.precision, key) in PRECISIONS, f"precision.{key}",
+               f"expected one of {list(PRECISIONS)}, got {getattr(cfg.precision, key)!r}")
     for i, rule in enumerate(cfg.mesh.rules):
         where = f"mesh.rules[{i}]"
         _check(len(rule) >= 2 and isinstance(rule[0], str), where,

@@ -22,6 +22,7 @@ from t2i_mia.data.images import save_png
 from t2i_mia.data.sources import open_dataset
 from t2i_mia.data.splits import build_splits
 from t2i_mia.errors import ConfigError, DataError
+from t2i_mia.models.precision import policy_of
 from t2i_mia.parallel.mesh import config_rules, make_mesh
 from t2i_mia.targets.dalle_mini import DalleMiniTarget
 from t2i_mia.targets.external import checkpoint_image_size, load_model
@@ -79,10 +80,11 @@ def main(argv=None) -> int:
         comps, _, _ = train_model(cfg, paths.work_dir)
         if cfg.target == "ldm":
             target = LDMTarget(comps, cfg.ldm.sample, seed=cfg.seed, mesh=mesh,
-                               rules=config_rules(cfg))
+                               rules=config_rules(cfg), policy=policy_of(cfg))
         else:
             target = DalleMiniTarget.from_components(comps, cfg.dalle.sample, seed=cfg.seed,
-                                                     mesh=mesh, rules=config_rules(cfg))
+                                                     mesh=mesh, rules=config_rules(cfg),
+                                                     policy=policy_of(cfg))
     if args.captions:
         ids, captions = read_captions(args.captions)
     else:

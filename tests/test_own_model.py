@@ -82,7 +82,12 @@ def test_own_model_partial_mode(own):
     assert rep["n_eval"]["members"] == 64 - qs["members"]["n_known"]
     e = rep["attacks"]["pixel"]["threshold"]["pixel.mse.min"]
     assert e["auc_ci"][0] > 0.5, e
-    assert e["null_target"]["auc_ci"][0] <= 0.5 <= e["null_target"]["auc_ci"][1]
+    # the null model (trained without the members) reads below the target, and raises no
+    # alarm: the control's decision (Holm over the attack MLPs) rather than one uncorrected
+    # 95% interval of one threshold attack, which a null model exceeds by chance about 1
+    # run in 20
+    assert e["null_target"]["auc"] < e["auc_ci"][0], e
+    assert rep["controls"]["null_target"]["alarm"] is False, rep["controls"]["null_target"]
     assert rep["attacks"]["pixel"]["mlp"]["auc"] > 0.5
     assert rep["models"]["null_target"] == str(own["root"] / "null")
     # the encoder was trained on --aux only, which no evaluated query shares

@@ -18,7 +18,15 @@ import numpy as np
 from jax.sharding import Mesh
 
 from t2i_mia.errors import CheckpointError
-from t2i_mia.models.clip import CLIP_MEAN, CLIP_STD, CLIPConfig, CLIPModel, load_clip, save_clip
+from t2i_mia.models.clip import (
+    CLIP_MEAN,
+    CLIP_STD,
+    CLIPConfig,
+    CLIPModel,
+    load_clip,
+    save_clip,
+)
+from t2i_mia.models.precision import FLOAT32, cast_params, policy_tag
 from t2i_mia.models.tokenizer import TextTokenizer
 from t2i_mia.parallel.batching import batched_apply, round_batch
 from t2i_mia.parallel.mesh import DEFAULT_RULES, Rules, batch_sharding, place_params
@@ -44,17 +52,18 @@ def device_preprocess(images: jax.Array, size: int) -> jax.Array:
 class Encoder:
     """``embed_images(uint8[N,H,W,3]) -> f32[N,P]`` and ``embed_texts(list[str]) ->
     f32[N,P]``, both L2-normalised, computed in fixed-size jitted batches over the mesh
-    (the batch over its data axis, the parameters split over its model axis by ``rules``)."""
+    (the batch over its data axis, the parameters split over its model axis by ``rules``),
+    with the precision ``policy`` (:mod:`t2i_mia.models.precision`)."""
     def __init__(self, cfg: CLIPConfig, params: PyTree, tokenizer: TextTokenizer, mesh: Mesh,
-                 batch_size: int = 256, rules: Rules = DEFAULT_RULES):
+                 batch_size: int = 256, rules: Rules = DEFAULT_RULES, policy: dict = FLOAT32):
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.mesh = mesh
         self.batch_size = round_batch(batch_size, mesh)
         if isinstance(params, dict) and set(params) == {"params"}:
             params = params["params"]  # accept variables as well as the bare tree
-        self.params = place_params(params, mesh, rules)
-        model = CLIPModel(cfg)
+        self.params = place_params(cast_params(params, policy["param_dtype"]), mesh, rules)
+        model = CLIPModel(cfg, **policy)
         size = cfg.vision_config.image_size
 
         def img(p, x):
@@ -83,7 +92,8 @@ class Encoder:
         return self._batched(self._txt, jnp.asarray(ids), jnp.asarray(mask))
 
 
-def load_encoder(folder: str, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Encoder:
+def load_encoder(folder: str, mesh: Mesh, rules: Rules = DEFAULT_RULES,
+                 policy: dict = FLOAT32) -> Encoder:
     """A local HF Flax CLIP checkpoint: config.json + flax_model.msgpack + tokenizer files
     (tokenizer.json, or vocab.json + merges.txt)."""
     if not os.path.isdir(folder):
@@ -91,30 +101,30 @@ def load_encoder(folder: str, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Encod
                               "Flax CLIP checkpoint: config.json, flax_model.msgpack, tokenizer)")
     cfg, params = load_clip(folder)
     tok = TextTokenizer.from_folder(folder)
-    return Encoder(cfg, params, tok, mesh, rules=rules)
+    return Encoder(cfg, params, tok, mesh, rules=rules, policy=policy)
 
 
 def train_or_load_encoder(enc_cfg, images: np.ndarray, captions: list[str], aux_hash: str,
-                          seed: int, cache, mesh: Mesh, rules: Rules = DEFAULT_RULES
-                          ) -> Encoder:
+                          seed: int, cache, mesh: Mesh, rules: Rules = DEFAULT_RULES,
+                          policy: dict = FLOAT32) -> Encoder:
     """CLIP trained contrastively on the auxiliary split (cached like every model)."""
     section = dataclasses.asdict(enc_cfg)
     if section.get("image_ssl_weight") == 0.0:  # the default keeps earlier cache keys
         del section["image_ssl_weight"]
     # "loop": trained on the shared loop, honouring every encoder.train key
-    key = cache_key("clip", "loop", section, aux_hash, seed)
+    key = cache_key("clip", "loop", section, aux_hash, seed, *policy_tag(policy))
     folder = cache.model_dir("encoder", key)
     if cache.done("encoder", key):
         log.info("encoder: cached %s", folder)
-        return load_encoder(folder, mesh, rules)
+        return load_encoder(folder, mesh, rules, policy)
     cfg = CLIPConfig.from_dict(enc_cfg.clip, "config 'adversary.encoder.clip'")
     tok = TextTokenizer.train(captions, vocab_size=enc_cfg.vocab_size,
                               max_length=enc_cfg.max_text_length)
     params = train_clip(images, captions, tok, cfg, enc_cfg.train, seed,
                         image_ssl_weight=enc_cfg.image_ssl_weight, mesh=mesh,
-                        ckpt_dir=cache.ckpt_dir("encoder", key), rules=rules)
+                        ckpt_dir=cache.ckpt_dir("encoder", key), rules=rules, policy=policy)
     os.makedirs(folder, exist_ok=True)
     save_clip(folder, cfg, params)
     tok.save(folder)
     cache.mark_done("encoder", key, {"trained_on": "auxiliary", "n": int(len(images))})
-    return Encoder(cfg, params, tok, mesh, rules=rules)
+    return Encoder(cfg, params, tok, mesh, rules=rules, policy=policy)

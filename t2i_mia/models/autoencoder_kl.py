@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from t2i_mia.errors import ConfigError
 from t2i_mia.models import formats
+from t2i_mia.models.precision import Typed
 
 PyTree = Any
 
@@ -152,15 +153,20 @@ def _validate(d: dict, where: str) -> None:
 # --------------------------------------------------------------------------- layers
 
 
-def _conv3(features: int, name: str) -> nn.Conv:
-    return nn.Conv(features, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)), name=name)
+class _Typed(Typed):
+    """Autoencoder layers: 3x3 and 1x1 convolutions, GroupNorm with eps 1e-6."""
+
+    def conv3(self, features: int, name: str) -> nn.Conv:
+        return self.conv(features, (3, 3), name, strides=(1, 1), padding=((1, 1), (1, 1)))
+
+    def conv1(self, features: int, name: str) -> nn.Conv:
+        return self.conv(features, (1, 1), name, strides=(1, 1), padding="VALID")
+
+    def norm(self, groups: int, name: str) -> nn.GroupNorm:
+        return self.group_norm(groups, name, 1e-6)
 
 
-def _conv1(features: int, name: str) -> nn.Conv:
-    return nn.Conv(features, (1, 1), strides=(1, 1), padding="VALID", name=name)
-
-
-class VAEResnetBlock(nn.Module):
+class VAEResnetBlock(_Typed):
     """GroupNorm-SiLU-conv twice plus a (1x1-projected) residual. NHWC in and out."""
 
     out_channels: int
@@ -168,16 +174,16 @@ class VAEResnetBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = nn.GroupNorm(num_groups=self.groups, epsilon=1e-6, name="norm1")(x)
-        h = _conv3(self.out_channels, "conv1")(nn.swish(h))
-        h = nn.GroupNorm(num_groups=self.groups, epsilon=1e-6, name="norm2")(h)
-        h = _conv3(self.out_channels, "conv2")(nn.swish(h))
+        h = self.norm(self.groups, "norm1")(x)
+        h = self.conv3(self.out_channels, "conv1")(nn.swish(h))
+        h = self.norm(self.groups, "norm2")(h)
+        h = self.conv3(self.out_channels, "conv2")(nn.swish(h))
         if x.shape[-1] != self.out_channels:
-            x = _conv1(self.out_channels, "conv_shortcut")(x)
+            x = self.conv1(self.out_channels, "conv_shortcut")(x)
         return h + x
 
 
-class VAEAttentionBlock(nn.Module):
+class VAEAttentionBlock(_Typed):
     """Single-head spatial self-attention with a residual (the VAE's mid block)."""
 
     channels: int
@@ -186,31 +192,32 @@ class VAEAttentionBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         b, hgt, wid, c = x.shape
-        h = nn.GroupNorm(num_groups=self.groups, epsilon=1e-6, name="group_norm")(x)
+        h = self.norm(self.groups, "group_norm")(x)
         h = h.reshape(b, hgt * wid, c)
-        q = nn.Dense(self.channels, name="query")(h)
-        k = nn.Dense(self.channels, name="key")(h)
-        v = nn.Dense(self.channels, name="value")(h)
+        q = self.dense(self.channels, "query")(h)
+        k = self.dense(self.channels, "key")(h)
+        v = self.dense(self.channels, "value")(h)
         # scale split between q and k as diffusers does (same function, same rounding)
         scale = 1.0 / math.sqrt(math.sqrt(self.channels))
-        w = jax.nn.softmax(jnp.einsum("bqc,bkc->bqk", q * scale, k * scale), axis=-1)
+        scores = jnp.einsum("bqc,bkc->bqk", q * scale, k * scale).astype(jnp.float32)
+        w = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         h = jnp.einsum("bqk,bkc->bqc", w, v)
-        h = nn.Dense(self.channels, name="proj_attn")(h)
+        h = self.dense(self.channels, "proj_attn")(h)
         return h.reshape(b, hgt, wid, c) + x
 
 
-class VAEMidBlock(nn.Module):
+class VAEMidBlock(_Typed):
     channels: int
     groups: int
 
     @nn.compact
     def __call__(self, x):
-        x = VAEResnetBlock(self.channels, self.groups, name="resnets_0")(x)
-        x = VAEAttentionBlock(self.channels, self.groups, name="attentions_0")(x)
-        return VAEResnetBlock(self.channels, self.groups, name="resnets_1")(x)
+        x = VAEResnetBlock(self.channels, self.groups, name="resnets_0", **self.policy)(x)
+        x = VAEAttentionBlock(self.channels, self.groups, name="attentions_0", **self.policy)(x)
+        return VAEResnetBlock(self.channels, self.groups, name="resnets_1", **self.policy)(x)
 
 
-class VAEDownsample(nn.Module):
+class VAEDownsample(_Typed):
     """Stride-2 3x3 conv after padding one row/column at the bottom/right (as diffusers)."""
 
     channels: int
@@ -218,10 +225,10 @@ class VAEDownsample(nn.Module):
     @nn.compact
     def __call__(self, x):
         x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
-        return nn.Conv(self.channels, (3, 3), strides=(2, 2), padding="VALID", name="conv")(x)
+        return self.conv(self.channels, (3, 3), "conv", strides=(2, 2), padding="VALID")(x)
 
 
-class VAEUpsample(nn.Module):
+class VAEUpsample(_Typed):
     """Nearest-neighbour x2 then a 3x3 conv."""
 
     channels: int
@@ -230,10 +237,10 @@ class VAEUpsample(nn.Module):
     def __call__(self, x):
         b, h, w, c = x.shape
         x = jax.image.resize(x, (b, 2 * h, 2 * w, c), method="nearest")
-        return _conv3(self.channels, "conv")(x)
+        return self.conv3(self.channels, "conv")(x)
 
 
-class VAEDownBlock(nn.Module):
+class VAEDownBlock(_Typed):
     """``DownEncoderBlock2D``: resnets, then an optional stride-2 downsample."""
 
     channels: int
@@ -244,13 +251,13 @@ class VAEDownBlock(nn.Module):
     @nn.compact
     def __call__(self, x):
         for j in range(self.num_layers):
-            x = VAEResnetBlock(self.channels, self.groups, name=f"resnets_{j}")(x)
+            x = VAEResnetBlock(self.channels, self.groups, name=f"resnets_{j}", **self.policy)(x)
         if self.add_downsample:
-            x = VAEDownsample(self.channels, name="downsamplers_0")(x)
+            x = VAEDownsample(self.channels, name="downsamplers_0", **self.policy)(x)
         return x
 
 
-class VAEUpBlock(nn.Module):
+class VAEUpBlock(_Typed):
     """``UpDecoderBlock2D``: resnets, then an optional x2 upsample."""
 
     channels: int
@@ -261,13 +268,13 @@ class VAEUpBlock(nn.Module):
     @nn.compact
     def __call__(self, x):
         for j in range(self.num_layers):
-            x = VAEResnetBlock(self.channels, self.groups, name=f"resnets_{j}")(x)
+            x = VAEResnetBlock(self.channels, self.groups, name=f"resnets_{j}", **self.policy)(x)
         if self.add_upsample:
-            x = VAEUpsample(self.channels, name="upsamplers_0")(x)
+            x = VAEUpsample(self.channels, name="upsamplers_0", **self.policy)(x)
         return x
 
 
-class VAEEncoder(nn.Module):
+class VAEEncoder(_Typed):
     cfg: AutoencoderKLConfig
 
     @nn.compact
@@ -275,16 +282,16 @@ class VAEEncoder(nn.Module):
         cfg = self.cfg
         g = cfg.norm_num_groups
         chans = cfg.block_out_channels
-        x = _conv3(chans[0], "conv_in")(x)
+        x = self.conv3(chans[0], "conv_in")(x)
         for i, ch in enumerate(chans):
             x = VAEDownBlock(ch, cfg.layers_per_block, g, add_downsample=i != len(chans) - 1,
-                             name=f"down_blocks_{i}")(x)
-        x = VAEMidBlock(chans[-1], g, name="mid_block")(x)
-        x = nn.GroupNorm(num_groups=g, epsilon=1e-6, name="conv_norm_out")(x)
-        return _conv3(2 * cfg.latent_channels, "conv_out")(nn.swish(x))
+                             name=f"down_blocks_{i}", **self.policy)(x)
+        x = VAEMidBlock(chans[-1], g, name="mid_block", **self.policy)(x)
+        x = self.norm(g, "conv_norm_out")(x)
+        return self.conv3(2 * cfg.latent_channels, "conv_out")(nn.swish(x))
 
 
-class VAEDecoder(nn.Module):
+class VAEDecoder(_Typed):
     cfg: AutoencoderKLConfig
 
     @nn.compact
@@ -292,40 +299,41 @@ class VAEDecoder(nn.Module):
         cfg = self.cfg
         g = cfg.norm_num_groups
         rev = list(reversed(cfg.block_out_channels))
-        x = _conv3(rev[0], "conv_in")(z)
-        x = VAEMidBlock(rev[0], g, name="mid_block")(x)
+        x = self.conv3(rev[0], "conv_in")(z)
+        x = VAEMidBlock(rev[0], g, name="mid_block", **self.policy)(x)
         for i, ch in enumerate(rev):
             # the decoder has one resnet more per block than the encoder (diffusers layout)
             x = VAEUpBlock(ch, cfg.layers_per_block + 1, g, add_upsample=i != len(rev) - 1,
-                           name=f"up_blocks_{i}")(x)
-        x = nn.GroupNorm(num_groups=g, epsilon=1e-6, name="conv_norm_out")(x)
-        return _conv3(cfg.out_channels, "conv_out")(nn.swish(x))
+                           name=f"up_blocks_{i}", **self.policy)(x)
+        x = self.norm(g, "conv_norm_out")(x)
+        return self.conv3(cfg.out_channels, "conv_out")(nn.swish(x))
 
 
-class AutoencoderKL(nn.Module):
+class AutoencoderKL(_Typed):
     """Stable Diffusion's KL autoencoder (NHWC); its params are diffusers' tree as is.
 
     ``AutoencoderKL(cfg).apply({"params": p}, x, method="encode")`` -> (mean, logvar);
-    ``...apply({"params": p}, z, method="decode")`` -> images.
+    ``...apply({"params": p}, z, method="decode")`` -> images. ``dtype``/``param_dtype``:
+    the precision policy (:mod:`t2i_mia.models.precision`); outputs are float32.
     """
 
     cfg: AutoencoderKLConfig
 
     def setup(self):
-        self.encoder = VAEEncoder(self.cfg)
-        self.decoder = VAEDecoder(self.cfg)
-        self.quant_conv = _conv1(2 * self.cfg.latent_channels, "quant_conv")
-        self.post_quant_conv = _conv1(self.cfg.latent_channels, "post_quant_conv")
+        self.encoder = VAEEncoder(self.cfg, **self.policy)
+        self.decoder = VAEDecoder(self.cfg, **self.policy)
+        self.quant_conv = self.conv1(2 * self.cfg.latent_channels, "quant_conv")
+        self.post_quant_conv = self.conv1(self.cfg.latent_channels, "post_quant_conv")
 
     def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """f32[B,H,W,in] in [-1,1] -> (mean, logvar) f32[B,h,w,latent]; logvar clipped to [-30, 20]."""
-        moments = self.quant_conv(self.encoder(x))
+        moments = self.quant_conv(self.encoder(x)).astype(jnp.float32)
         mean, logvar = jnp.split(moments, 2, axis=-1)
         return mean, jnp.clip(logvar, -30.0, 20.0)
 
     def decode(self, z: jax.Array) -> jax.Array:
         """f32[B,h,w,latent] (unscaled latents) -> f32[B,H,W,out] (roughly in [-1,1])."""
-        return self.decoder(self.post_quant_conv(z))
+        return self.decoder(self.post_quant_conv(z)).astype(jnp.float32)
 
     def __call__(self, x: jax.Array, rng: jax.Array | None = None):
         """Encode, sample the posterior (its mean when ``rng`` is None), decode.
@@ -349,7 +357,8 @@ def param_shapes(cfg: AutoencoderKLConfig) -> PyTree:
 
 
 def vae_loss(cfg: AutoencoderKLConfig, params: PyTree, images: jax.Array, rng: jax.Array, *,
-             recon_loss: str = "l1", kl_weight: float = 1e-6) -> tuple[jax.Array, dict]:
+             recon_loss: str = "l1", kl_weight: float = 1e-6, policy: dict | None = None
+             ) -> tuple[jax.Array, dict]:
     """Training loss of the autoencoder: reconstruction + ``kl_weight`` * KL to N(0, I).
 
     Args:
@@ -359,13 +368,15 @@ def vae_loss(cfg: AutoencoderKLConfig, params: PyTree, images: jax.Array, rng: j
       recon_loss: "l1" or "mse", averaged over every pixel and channel.
       kl_weight: weight of the KL term; the KL is averaged over latent elements (so it is
         on the same per-element scale as the reconstruction term).
+      policy: the precision (``dtype``, ``param_dtype``); the loss is float32.
     Returns:
       (scalar loss, {"loss", "recon", "kl"} scalars).
     """
     if recon_loss not in ("l1", "mse"):
         raise ConfigError(f"vae_loss: recon_loss = {recon_loss!r} is not implemented "
                           "(supported: ['l1', 'mse'])")
-    recon, mean, logvar = AutoencoderKL(cfg).apply({"params": params}, images, rng)
+    recon, mean, logvar = AutoencoderKL(cfg, **(policy or {})).apply({"params": params}, images,
+                                                                     rng)
     diff = recon - images
     rec = jnp.mean(jnp.abs(diff)) if recon_loss == "l1" else jnp.mean(jnp.square(diff))
     kl = 0.5 * jnp.mean(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar)

@@ -39,6 +39,7 @@ from PIL import Image
 
 from t2i_mia.errors import ConfigError, DataError
 from t2i_mia.models import formats
+from t2i_mia.models.precision import Typed
 
 PyTree = Any
 
@@ -286,7 +287,7 @@ def _dense_init(cfg):
     return nn.initializers.normal(cfg.initializer_range * cfg.initializer_factor)
 
 
-class CLIPAttention(nn.Module):
+class CLIPAttention(Typed):
     """Multi-head self-attention (q/k/v/out projections with bias, as HF)."""
     cfg: Any  # CLIPTextConfig | CLIPVisionConfig
 
@@ -296,79 +297,82 @@ class CLIPAttention(nn.Module):
         cfg = self.cfg
         heads = cfg.num_attention_heads
         head_dim = cfg.hidden_size // heads
-        dense = lambda name: nn.Dense(cfg.hidden_size, kernel_init=_dense_init(cfg), name=name)
-        split = lambda t: t.reshape(t.shape[:2] + (heads, head_dim))
-        q = split(dense("q_proj")(x)) / jnp.sqrt(head_dim).astype(x.dtype)
+        dense = lambda name: self.dense(cfg.hidden_size, name, kernel_init=_dense_init(cfg))  # noqa: E731
+        split = lambda t: t.reshape(t.shape[:2] + (heads, head_dim))  # noqa: E731
+        q = split(dense("q_proj")(x))
+        q = q / jnp.sqrt(head_dim).astype(q.dtype)
         k = split(dense("k_proj")(x))
         v = split(dense("v_proj")(x))
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k)
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
         if mask is not None:
             # A masked score becomes the most negative float (HF adds finfo.min): weight 0.
             scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
-        weights = jax.nn.softmax(scores, axis=-1)
+        weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(x.shape)
         return dense("out_proj")(out)
 
 
-class CLIPMLP(nn.Module):
+class CLIPMLP(Typed):
     cfg: Any
 
     @nn.compact
     def __call__(self, x):
         cfg = self.cfg
-        x = nn.Dense(cfg.intermediate_size, kernel_init=_dense_init(cfg), name="fc1")(x)
+        x = self.dense(cfg.intermediate_size, "fc1", kernel_init=_dense_init(cfg))(x)
         x = _activation(cfg.hidden_act)(x)
-        return nn.Dense(cfg.hidden_size, kernel_init=_dense_init(cfg), name="fc2")(x)
+        return self.dense(cfg.hidden_size, "fc2", kernel_init=_dense_init(cfg))(x)
 
 
-class CLIPEncoderLayer(nn.Module):
-    """Pre-LN transformer block."""
+class CLIPEncoderLayer(Typed):
+    """Pre-LN transformer block; the residual stream stays float32."""
     cfg: Any
 
     @nn.compact
     def __call__(self, x, mask=None):
         eps = self.cfg.layer_norm_eps
-        h = nn.LayerNorm(epsilon=eps, name="layer_norm1")(x)
-        x = x + CLIPAttention(self.cfg, name="self_attn")(h, mask)
-        h = nn.LayerNorm(epsilon=eps, name="layer_norm2")(x)
-        return x + CLIPMLP(self.cfg, name="mlp")(h)
+        h = self.layer_norm("layer_norm1", eps)(x)
+        x = x + CLIPAttention(self.cfg, name="self_attn", **self.policy)(h, mask)
+        h = self.layer_norm("layer_norm2", eps)(x)
+        return x + CLIPMLP(self.cfg, name="mlp", **self.policy)(h)
 
 
-class _LayerCollection(nn.Module):
+class _LayerCollection(Typed):
     # Exists only so that parameter paths read encoder/layers/<i>/..., as in HF.
     cfg: Any
 
     @nn.compact
     def __call__(self, x, mask=None):
         for i in range(self.cfg.num_hidden_layers):
-            x = CLIPEncoderLayer(self.cfg, name=str(i))(x, mask)
+            x = CLIPEncoderLayer(self.cfg, name=str(i), **self.policy)(x, mask)
         return x
 
 
-class CLIPEncoder(nn.Module):
+class CLIPEncoder(Typed):
     cfg: Any
 
     @nn.compact
     def __call__(self, x, mask=None):
-        return _LayerCollection(self.cfg, name="layers")(x, mask)
+        return _LayerCollection(self.cfg, name="layers", **self.policy)(x, mask)
 
 
-class CLIPTextEmbeddings(nn.Module):
+class CLIPTextEmbeddings(Typed):
     cfg: CLIPTextConfig
 
     @nn.compact
     def __call__(self, input_ids):
         cfg = self.cfg
         init = nn.initializers.normal(cfg.initializer_factor * 0.02)
-        tok = nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=init,
-                       name="token_embedding")(input_ids)
-        pos = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, embedding_init=init,
-                       name="position_embedding")(jnp.arange(input_ids.shape[1])[None])
+        embed = functools.partial(nn.Embed, features=cfg.hidden_size, embedding_init=init,
+                                  dtype=jnp.float32, param_dtype=self.param_dtype)
+        tok = embed(cfg.vocab_size, name="token_embedding")(input_ids)
+        pos = embed(cfg.max_position_embeddings,
+                    name="position_embedding")(jnp.arange(input_ids.shape[1])[None])
         return tok + pos
 
 
-class CLIPTextModel(nn.Module):
-    """CLIP text transformer (HF ``text_model``): causal, pre-LN, final layer norm."""
+class CLIPTextModel(Typed):
+    """CLIP text transformer (HF ``text_model``): causal, pre-LN, final layer norm.
+    ``dtype``/``param_dtype``: the precision policy (:mod:`t2i_mia.models.precision`)."""
     config: CLIPTextConfig
 
     @nn.compact
@@ -388,36 +392,38 @@ class CLIPTextModel(nn.Module):
             attention_mask = jnp.ones_like(input_ids)
         causal = jnp.tril(jnp.ones((length, length), bool))
         mask = causal[None, None] & (attention_mask > 0)[:, None, None, :]
-        x = CLIPTextEmbeddings(cfg, name="embeddings")(input_ids)
-        x = CLIPEncoder(cfg, name="encoder")(x, mask)
-        x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, name="final_layer_norm")(x)
+        x = CLIPTextEmbeddings(cfg, name="embeddings", **self.policy)(input_ids)
+        x = CLIPEncoder(cfg, name="encoder", **self.policy)(x, mask)
+        x = self.layer_norm("final_layer_norm", cfg.layer_norm_eps)(x)
         # transformers 4.25 pooling: eos has the highest id, so argmax finds it.
         pooled = x[jnp.arange(b), jnp.argmax(input_ids, axis=-1)]
         return x, pooled
 
 
-class CLIPVisionEmbeddings(nn.Module):
+class CLIPVisionEmbeddings(Typed):
     cfg: CLIPVisionConfig
 
     @nn.compact
     def __call__(self, pixel_values):
         cfg = self.cfg
         p = cfg.patch_size
-        cls = self.param("class_embedding", nn.initializers.normal(0.02), (cfg.hidden_size,))
-        patches = nn.Conv(cfg.hidden_size, (p, p), strides=(p, p), padding="VALID",
-                          use_bias=False, kernel_init=_dense_init(cfg),
-                          name="patch_embedding")(pixel_values)
+        cls = self.param("class_embedding", nn.initializers.normal(0.02), (cfg.hidden_size,),
+                         self.param_dtype).astype(jnp.float32)
+        patches = self.conv(cfg.hidden_size, (p, p), "patch_embedding", strides=(p, p),
+                            padding="VALID", use_bias=False,
+                            kernel_init=_dense_init(cfg))(pixel_values).astype(jnp.float32)
         b = patches.shape[0]
         patches = patches.reshape(b, -1, cfg.hidden_size)  # row-major patches, as HF
         x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, cfg.hidden_size)), patches], axis=1)
         pos = nn.Embed(cfg.num_positions, cfg.hidden_size,
-                       embedding_init=nn.initializers.normal(0.02),
+                       embedding_init=nn.initializers.normal(0.02), dtype=jnp.float32,
+                       param_dtype=self.param_dtype,
                        name="position_embedding")(jnp.arange(cfg.num_positions)[None])
         return x + pos
 
 
-class CLIPVisionModel(nn.Module):
-    """CLIP ViT (HF ``vision_model``)."""
+class CLIPVisionModel(Typed):
+    """CLIP ViT (HF ``vision_model``). ``dtype``/``param_dtype``: the precision policy."""
     config: CLIPVisionConfig
 
     @nn.compact
@@ -432,10 +438,11 @@ class CLIPVisionModel(nn.Module):
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != want:
             raise DataError(f"pixel_values shape {tuple(pixel_values.shape)}: expected NHWC "
                             f"[B, {want[0]}, {want[1]}, {want[2]}]")
-        x = CLIPVisionEmbeddings(cfg, name="embeddings")(pixel_values.astype(jnp.float32))
-        x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, name="pre_layrnorm")(x)  # HF's spelling
-        x = CLIPEncoder(cfg, name="encoder")(x)
-        pooled = nn.LayerNorm(epsilon=cfg.layer_norm_eps, name="post_layernorm")(x[:, 0])
+        x = CLIPVisionEmbeddings(cfg, name="embeddings", **self.policy)(
+            pixel_values.astype(jnp.float32))
+        x = self.layer_norm("pre_layrnorm", cfg.layer_norm_eps)(x)  # HF's spelling
+        x = CLIPEncoder(cfg, name="encoder", **self.policy)(x)
+        pooled = self.layer_norm("post_layernorm", cfg.layer_norm_eps)(x[:, 0])
         return x, pooled
 
 
@@ -443,35 +450,40 @@ def _l2_normalize(x):
     return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
 
 
-class CLIPModel(nn.Module):
-    """The two towers, their projections and the learned temperature (HF FlaxCLIPModel)."""
+class CLIPModel(Typed):
+    """The two towers, their projections and the learned temperature (HF FlaxCLIPModel).
+    ``dtype``/``param_dtype``: the precision policy; features come out float32."""
     config: CLIPConfig
 
     def setup(self):
         cfg = self.config
-        self.text_model = CLIPTextModel(cfg.text_config)
-        self.vision_model = CLIPVisionModel(cfg.vision_config)
+        self.text_model = CLIPTextModel(cfg.text_config, **self.policy)
+        self.vision_model = CLIPVisionModel(cfg.vision_config, **self.policy)
         self.text_projection = nn.Dense(cfg.projection_dim, use_bias=False,
-                                        kernel_init=_dense_init(cfg.text_config))
+                                        kernel_init=_dense_init(cfg.text_config), **self.policy)
         self.visual_projection = nn.Dense(cfg.projection_dim, use_bias=False,
-                                          kernel_init=_dense_init(cfg.vision_config))
+                                          kernel_init=_dense_init(cfg.vision_config),
+                                          **self.policy)
         self.logit_scale = self.param(
-            "logit_scale", nn.initializers.constant(cfg.logit_scale_init_value), ())
+            "logit_scale", nn.initializers.constant(cfg.logit_scale_init_value), (),
+            self.param_dtype)
 
     def get_text_features(self, input_ids, attention_mask=None):
         """int32[B,L] ids + mask -> f32[B,P] projected (unnormalised) text features."""
-        return self.text_projection(self.text_model(input_ids, attention_mask)[1])
+        pooled = self.text_model(input_ids, attention_mask)[1]
+        return self.text_projection(pooled).astype(jnp.float32)
 
     def get_image_features(self, pixel_values):
         """f32[B,S,S,3] NHWC normalised pixels -> f32[B,P] projected image features."""
-        return self.visual_projection(self.vision_model(pixel_values)[1])
+        return self.visual_projection(self.vision_model(pixel_values)[1]).astype(jnp.float32)
 
     def __call__(self, pixel_values, input_ids, attention_mask=None):
         """Returns dict: image_embeds f32[Bi,P], text_embeds f32[Bt,P] (L2-normalised),
         logits_per_image f32[Bi,Bt] = exp(logit_scale) * image . text, logits_per_text."""
         image_embeds = _l2_normalize(self.get_image_features(pixel_values))
         text_embeds = _l2_normalize(self.get_text_features(input_ids, attention_mask))
-        logits_per_text = jnp.exp(self.logit_scale) * text_embeds @ image_embeds.T
+        scale = jnp.exp(self.logit_scale.astype(jnp.float32))
+        logits_per_text = scale * text_embeds @ image_embeds.T
         return {"image_embeds": image_embeds, "text_embeds": text_embeds,
                 "logits_per_image": logits_per_text.T, "logits_per_text": logits_per_text}
 

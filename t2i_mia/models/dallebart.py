@@ -254,9 +254,15 @@ def _normal(std):
     return jax.nn.initializers.normal(std)
 
 
-def _layer_norm(use_scale: bool, dtype, name: str | None = None):
-    return nn.LayerNorm(epsilon=1e-5, use_scale=use_scale, use_bias=True, dtype=dtype,
-                        name=name)
+def _policy(owner: nn.Module) -> dict:
+    return {"dtype": owner.dtype, "param_dtype": owner.param_dtype}
+
+
+def _layer_norm(use_scale: bool, owner: nn.Module, name: str | None = None):
+    """A LayerNorm with ``owner``'s precision policy; flax computes the statistics in
+    float32 whatever the output dtype is."""
+    return nn.LayerNorm(epsilon=1e-5, use_scale=use_scale, use_bias=True, dtype=owner.dtype,
+                        param_dtype=owner.param_dtype, name=name)
 
 
 class Attention(nn.Module):
@@ -271,9 +277,11 @@ class Attention(nn.Module):
     init_std: float
     deterministic: bool = True
     dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
 
     def setup(self):
         dense = functools.partial(nn.Dense, self.embed_dim, use_bias=False, dtype=self.dtype,
+                                  param_dtype=self.param_dtype,
                                   kernel_init=_normal(self.init_std))
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = dense(), dense(), dense(), dense()
         # dalle-mini drops whole (query, key) entries shared across batch and heads
@@ -309,16 +317,17 @@ class GLU(nn.Module):
     ffn_dim: int
     deterministic: bool = True
     dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x):
         c = self.config
         dense = functools.partial(nn.Dense, use_bias=False, dtype=self.dtype,
-                                  kernel_init=_normal(c.init_std))
-        x = _layer_norm(c.force_ln_scale, self.dtype)(x)
+                                  param_dtype=self.param_dtype, kernel_init=_normal(c.init_std))
+        x = _layer_norm(c.force_ln_scale, self)(x)
         w = _ACTIVATIONS[c.activation_function](dense(self.ffn_dim)(x))
         v = dense(self.ffn_dim)(x)
-        x = _layer_norm(c.force_ln_scale, self.dtype)(w * v)
+        x = _layer_norm(c.force_ln_scale, self)(w * v)
         x = nn.Dropout(c.activation_dropout)(x, deterministic=self.deterministic)
         x = dense(c.d_model)(x)
         return nn.Dropout(c.dropout)(x, deterministic=self.deterministic)
@@ -328,16 +337,18 @@ class EncoderLayer(nn.Module):
     config: DalleBartConfig
     deterministic: bool = True
     dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, mask):
         c, det = self.config, self.deterministic
-        h = _layer_norm(c.force_ln_scale, self.dtype, "LayerNorm_0")(x)
+        h = _layer_norm(c.force_ln_scale, self, "LayerNorm_0")(x)
         h = Attention(c.encoder_attention_heads, c.d_model, c.attention_dropout, c.init_std,
-                      det, self.dtype, name="FlaxBartAttention_0")(h, mask)
-        h = _layer_norm(True, self.dtype, "LayerNorm_1")(h)
+                      det, name="FlaxBartAttention_0", **_policy(self))(h, mask)
+        h = _layer_norm(True, self, "LayerNorm_1")(h)
         x = x + nn.Dropout(c.dropout)(h, deterministic=det)
-        return x + GLU(c, c.encoder_ffn_dim, det, self.dtype, name="GLU_0")(x)
+        return x + GLU(c, c.encoder_ffn_dim, det, name="GLU_0",
+                       **_policy(self))(x)
 
 
 class DecoderLayer(nn.Module):
@@ -350,16 +361,18 @@ class DecoderLayer(nn.Module):
     config: DalleBartConfig
     deterministic: bool = True
     dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
 
     def setup(self):
         c, det = self.config, self.deterministic
         s = c.force_ln_scale
-        self.LayerNorm = [_layer_norm(s, self.dtype), _layer_norm(True, self.dtype),
-                          _layer_norm(s, self.dtype), _layer_norm(True, self.dtype)]
+        self.LayerNorm = [_layer_norm(s, self), _layer_norm(True, self),
+                          _layer_norm(s, self), _layer_norm(True, self)]
         attn = functools.partial(Attention, c.decoder_attention_heads, c.d_model,
-                                 c.attention_dropout, c.init_std, det, self.dtype)
+                                 c.attention_dropout, c.init_std, det,
+                                 **_policy(self))
         self.FlaxBartAttention = [attn(), attn()]
-        self.GLU = [GLU(c, c.decoder_ffn_dim, det, self.dtype)]
+        self.GLU = [GLU(c, c.decoder_ffn_dim, det, **_policy(self))]
         self.drop = nn.Dropout(c.dropout)
 
     def cross_kv(self, encoder_hidden_states):
@@ -407,6 +420,7 @@ class _EncoderLayers(nn.Module):
     config: DalleBartConfig
     deterministic: bool = True
     dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, mask):
@@ -414,8 +428,8 @@ class _EncoderLayers(nn.Module):
         if self.config.gradient_checkpointing and not self.deterministic:
             layer = nn.remat(EncoderLayer)
         for i in range(self.config.encoder_layers):
-            x = layer(self.config, self.deterministic, self.dtype,
-                      name=f"FlaxBartEncoderLayer_{i}")(x, mask)
+            x = layer(self.config, self.deterministic, name=f"FlaxBartEncoderLayer_{i}",
+                      **_policy(self))(x, mask)
         return x
 
 
@@ -423,12 +437,13 @@ class _DecoderLayers(nn.Module):
     config: DalleBartConfig
     deterministic: bool = True
     dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
 
     def setup(self):
         layer = DecoderLayer
         if self.config.gradient_checkpointing and not self.deterministic:
             layer = nn.remat(DecoderLayer)
-        self.FlaxBartDecoderLayer = [layer(self.config, self.deterministic, self.dtype)
+        self.FlaxBartDecoderLayer = [layer(self.config, self.deterministic, **_policy(self))
                                      for _ in range(self.config.decoder_layers)]
 
 
@@ -438,6 +453,7 @@ class Encoder(nn.Module):
     config: DalleBartConfig
     deterministic: bool = True
     dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, input_ids, attention_mask):
@@ -447,16 +463,17 @@ class Encoder(nn.Module):
             raise DataError(f"input_ids: {s} text tokens, expected at most max_text_length = "
                             f"{c.max_text_length}")
         embed = functools.partial(nn.Embed, features=c.d_model, dtype=self.dtype,
+                                  param_dtype=self.param_dtype,
                                   embedding_init=_normal(c.init_std))
         x = embed(c.encoder_vocab_size, name="embed_tokens")(input_ids)
         if c.scale_embedding:
             x = x * math.sqrt(c.d_model)
         x = x + embed(c.max_text_length, name="embed_positions")(jnp.arange(s))[None]
-        x = _layer_norm(True, self.dtype, "layernorm_embedding")(x)
+        x = _layer_norm(True, self, "layernorm_embedding")(x)
         x = nn.Dropout(c.dropout)(x, deterministic=self.deterministic)
         mask = (attention_mask > 0)[:, None, None, :]
-        x = _EncoderLayers(c, self.deterministic, self.dtype, name="layers")(x, mask)
-        return _layer_norm(c.force_ln_scale, self.dtype, "final_ln")(x)
+        x = _EncoderLayers(c, self.deterministic, name="layers", **_policy(self))(x, mask)
+        return _layer_norm(c.force_ln_scale, self, "final_ln")(x)
 
 
 class Decoder(nn.Module):
@@ -465,16 +482,18 @@ class Decoder(nn.Module):
     config: DalleBartConfig
     deterministic: bool = True
     dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
 
     def setup(self):
         c = self.config
         embed = functools.partial(nn.Embed, features=c.d_model, dtype=self.dtype,
+                                  param_dtype=self.param_dtype,
                                   embedding_init=_normal(c.init_std))
         self.embed_tokens = embed(c.decoder_vocab_size)
         self.embed_positions = embed(c.image_length)
-        self.layernorm_embedding = _layer_norm(True, self.dtype)
-        self.layers = _DecoderLayers(c, self.deterministic, self.dtype)
-        self.final_ln = _layer_norm(c.force_ln_scale, self.dtype)
+        self.layernorm_embedding = _layer_norm(True, self)
+        self.layers = _DecoderLayers(c, self.deterministic, **_policy(self))
+        self.final_ln = _layer_norm(c.force_ln_scale, self)
         self.drop = nn.Dropout(c.dropout)
 
     def _embed(self, ids, start):
@@ -525,10 +544,11 @@ class _BartModule(nn.Module):
     config: DalleBartConfig
     deterministic: bool = True
     dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
 
     def setup(self):
-        self.encoder = Encoder(self.config, self.deterministic, self.dtype)
-        self.decoder = Decoder(self.config, self.deterministic, self.dtype)
+        self.encoder = Encoder(self.config, self.deterministic, **_policy(self))
+        self.decoder = Decoder(self.config, self.deterministic, **_policy(self))
 
 
 class DalleBart(nn.Module):
@@ -543,12 +563,14 @@ class DalleBart(nn.Module):
 
     config: DalleBartConfig
     dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
     deterministic: bool = True
 
     def setup(self):
-        self.model = _BartModule(self.config, self.deterministic, self.dtype)
+        self.model = _BartModule(self.config, self.deterministic, **_policy(self))
         self.lm_head = nn.Dense(self.config.decoder_vocab_size, use_bias=False,
-                                dtype=self.dtype, kernel_init=_normal(self.config.init_std))
+                                dtype=self.dtype, param_dtype=self.param_dtype,
+                                kernel_init=_normal(self.config.init_std))
 
     def encode(self, input_ids, attention_mask):
         """int32[B,S], int[B,S] (1 = token, 0 = padding) -> f[B,S,d_model]."""

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from t2i_mia.errors import ConfigError
 from t2i_mia.models import formats
+from t2i_mia.models.precision import Typed
 
 PyTree = Any
 
@@ -238,12 +239,21 @@ def _validate(d: dict, where: str) -> None:
 # --------------------------------------------------------------------------- layers
 
 
-def _conv3(features: int, name: str, stride: int = 1) -> nn.Conv:
-    return nn.Conv(features, (3, 3), strides=(stride, stride), padding=((1, 1), (1, 1)), name=name)
+class _Typed(Typed):
+    """U-Net layers: 3x3 and 1x1 convolutions, GroupNorm of GROUPS groups."""
 
+    def conv3(self, features: int, name: str, stride: int = 1) -> nn.Conv:
+        return self.conv(features, (3, 3), name, strides=(stride, stride),
+                         padding=((1, 1), (1, 1)))
 
-def _conv1(features: int, name: str) -> nn.Conv:
-    return nn.Conv(features, (1, 1), strides=(1, 1), padding="VALID", name=name)
+    def conv1(self, features: int, name: str) -> nn.Conv:
+        return self.conv(features, (1, 1), name, strides=(1, 1), padding="VALID")
+
+    def group_norm(self, name: str, epsilon: float = 1e-5) -> nn.GroupNorm:
+        return super().group_norm(GROUPS, name, epsilon)
+
+    def layer_norm(self, name: str) -> nn.LayerNorm:
+        return super().layer_norm(name, 1e-5)
 
 
 def timestep_embedding(timesteps: jax.Array, dim: int, flip_sin_to_cos: bool,
@@ -257,7 +267,7 @@ def timestep_embedding(timesteps: jax.Array, dim: int, flip_sin_to_cos: bool,
     return jnp.concatenate(parts, axis=1)
 
 
-class ResnetBlock(nn.Module):
+class ResnetBlock(_Typed):
     """Resnet block with the time embedding added after the first conv. NHWC."""
 
     out_channels: int
@@ -265,19 +275,19 @@ class ResnetBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, temb, deterministic: bool):
-        h = nn.GroupNorm(num_groups=GROUPS, epsilon=1e-5, name="norm1")(x)
-        h = _conv3(self.out_channels, "conv1")(nn.swish(h))
-        t = nn.Dense(self.out_channels, name="time_emb_proj")(nn.swish(temb))
+        h = self.group_norm("norm1")(x)
+        h = self.conv3(self.out_channels, "conv1")(nn.swish(h))
+        t = self.dense(self.out_channels, "time_emb_proj")(nn.swish(temb))
         h = h + t[:, None, None, :]
-        h = nn.GroupNorm(num_groups=GROUPS, epsilon=1e-5, name="norm2")(h)
+        h = self.group_norm("norm2")(h)
         h = nn.Dropout(self.dropout)(nn.swish(h), deterministic=deterministic)
-        h = _conv3(self.out_channels, "conv2")(h)
+        h = self.conv3(self.out_channels, "conv2")(h)
         if x.shape[-1] != self.out_channels:
-            x = _conv1(self.out_channels, "conv_shortcut")(x)
+            x = self.conv1(self.out_channels, "conv_shortcut")(x)
         return h + x
 
 
-class Attention(nn.Module):
+class Attention(_Typed):
     """Multi-head attention; queries from x f32[B,N,C], keys/values from context f32[B,M,D]."""
 
     query_dim: int
@@ -288,44 +298,45 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x, context, deterministic: bool):
         inner = self.heads * self.dim_head
-        q = nn.Dense(inner, use_bias=False, name="to_q")(x)
-        k = nn.Dense(inner, use_bias=False, name="to_k")(context)
-        v = nn.Dense(inner, use_bias=False, name="to_v")(context)
+        q = self.dense(inner, "to_q", use_bias=False)(x)
+        k = self.dense(inner, "to_k", use_bias=False)(context)
+        v = self.dense(inner, "to_v", use_bias=False)(context)
         split = lambda t: t.reshape(t.shape[0], t.shape[1], self.heads, self.dim_head)
         q, k, v = split(q), split(k), split(v)
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (self.dim_head ** -0.5)
-        probs = jax.nn.softmax(scores, axis=-1)
+        probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
         out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(x.shape[0], x.shape[1], inner)
-        out = nn.Dense(self.query_dim, name="to_out_0")(out)
+        out = self.dense(self.query_dim, "to_out_0")(out)
         return nn.Dropout(self.dropout)(out, deterministic=deterministic)
 
 
-class GEGLU(nn.Module):
+class GEGLU(_Typed):
     dim: int
     dropout: float
     exact_gelu: bool = False
 
     @nn.compact
     def __call__(self, x, deterministic: bool):
-        h = nn.Dense(self.dim * 4 * 2, name="proj")(x)
+        h = self.dense(self.dim * 4 * 2, "proj")(x)
         lin, gate = jnp.split(h, 2, axis=-1)
         # the tanh approximation (flax's default) as diffusers' Flax U-Net; erf as torch's
         act = nn.gelu(gate, approximate=not self.exact_gelu)
         return nn.Dropout(self.dropout)(lin * act, deterministic=deterministic)
 
 
-class FeedForward(nn.Module):
+class FeedForward(_Typed):
     dim: int
     dropout: float
     exact_gelu: bool = False
 
     @nn.compact
     def __call__(self, x, deterministic: bool):
-        h = GEGLU(self.dim, self.dropout, self.exact_gelu, name="net_0")(x, deterministic)
-        return nn.Dense(self.dim, name="net_2")(h)
+        h = GEGLU(self.dim, self.dropout, self.exact_gelu, name="net_0", **self.policy)(
+            x, deterministic)
+        return self.dense(self.dim, "net_2")(h)
 
 
-class BasicTransformerBlock(nn.Module):
+class BasicTransformerBlock(_Typed):
     """Self-attention, cross-attention, GEGLU feed-forward; pre-LayerNorm residuals."""
 
     dim: int
@@ -336,17 +347,18 @@ class BasicTransformerBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, context, deterministic: bool):
-        attn = lambda name: Attention(self.dim, self.heads, self.dim_head, self.dropout, name=name)
-        norm = lambda name: nn.LayerNorm(epsilon=1e-5, name=name)
+        attn = lambda name: Attention(self.dim, self.heads, self.dim_head, self.dropout,  # noqa: E731
+                                      name=name, **self.policy)
+        norm = self.layer_norm
         h = norm("norm1")(x)
         x = attn("attn1")(h, h, deterministic) + x
         x = attn("attn2")(norm("norm2")(x), context, deterministic) + x
-        x = FeedForward(self.dim, self.dropout, self.exact_gelu, name="ff")(
+        x = FeedForward(self.dim, self.dropout, self.exact_gelu, name="ff", **self.policy)(
             norm("norm3")(x), deterministic) + x
         return nn.Dropout(self.dropout)(x, deterministic=deterministic)
 
 
-class Transformer2D(nn.Module):
+class Transformer2D(_Typed):
     """Spatial transformer: GroupNorm, project in, transformer blocks, project out, residual."""
 
     channels: int
@@ -361,17 +373,17 @@ class Transformer2D(nn.Module):
     def __call__(self, x, context, deterministic: bool):
         b, hgt, wid, c = x.shape
         inner = self.channels  # heads * (channels // heads)
-        proj = (lambda name: nn.Dense(inner, name=name)) if self.use_linear_projection else (
-            lambda name: _conv1(inner, name))
-        h = nn.GroupNorm(num_groups=GROUPS, epsilon=self.norm_eps, name="norm")(x)
+        proj = (lambda name: self.dense(inner, name)) if self.use_linear_projection else (
+            lambda name: self.conv1(inner, name))
+        h = self.group_norm("norm", self.norm_eps)(x)
         if self.use_linear_projection:
             h = proj("proj_in")(h.reshape(b, hgt * wid, c))
         else:
             h = proj("proj_in")(h).reshape(b, hgt * wid, inner)
         for i in range(self.depth):
             h = BasicTransformerBlock(inner, self.heads, inner // self.heads, self.dropout,
-                                      self.exact_gelu, name=f"transformer_blocks_{i}")(
-                                          h, context, deterministic)
+                                      self.exact_gelu, name=f"transformer_blocks_{i}",
+                                      **self.policy)(h, context, deterministic)
         if self.use_linear_projection:
             h = proj("proj_out")(h).reshape(b, hgt, wid, c)
         else:
@@ -379,7 +391,7 @@ class Transformer2D(nn.Module):
         return nn.Dropout(self.dropout)(h + x, deterministic=deterministic)
 
 
-class DownBlock(nn.Module):
+class DownBlock(_Typed):
     """``CrossAttnDownBlock2D`` (``cross_attn``) or ``DownBlock2D``. Returns (x, skips)."""
 
     out_channels: int
@@ -397,37 +409,38 @@ class DownBlock(nn.Module):
     def __call__(self, x, temb, context, deterministic: bool):
         skips = []
         for i in range(self.num_layers):
-            x = ResnetBlock(self.out_channels, self.dropout, name=f"resnets_{i}")(x, temb, deterministic)
+            x = ResnetBlock(self.out_channels, self.dropout, name=f"resnets_{i}",
+                            **self.policy)(x, temb, deterministic)
             if self.cross_attn:
                 x = Transformer2D(self.out_channels, self.heads, self.depth, self.use_linear_projection,
                                   self.dropout, self.norm_eps, self.exact_gelu,
-                                  name=f"attentions_{i}")(x, context, deterministic)
+                                  name=f"attentions_{i}", **self.policy)(x, context, deterministic)
             skips.append(x)
         if self.add_downsample:
-            x = _Downsample(self.out_channels, name="downsamplers_0")(x)
+            x = _Downsample(self.out_channels, name="downsamplers_0", **self.policy)(x)
             skips.append(x)
         return x, skips
 
 
-class _Downsample(nn.Module):
+class _Downsample(_Typed):
     channels: int
 
     @nn.compact
     def __call__(self, x):
-        return _conv3(self.channels, "conv", stride=2)(x)
+        return self.conv3(self.channels, "conv", stride=2)(x)
 
 
-class _Upsample(nn.Module):
+class _Upsample(_Typed):
     channels: int
 
     @nn.compact
     def __call__(self, x):
         b, h, w, c = x.shape
         x = jax.image.resize(x, (b, 2 * h, 2 * w, c), method="nearest")
-        return _conv3(self.channels, "conv")(x)
+        return self.conv3(self.channels, "conv")(x)
 
 
-class UpBlock(nn.Module):
+class UpBlock(_Typed):
     """``CrossAttnUpBlock2D`` (``cross_attn``) or ``UpBlock2D``; consumes skips last-first."""
 
     out_channels: int
@@ -446,17 +459,18 @@ class UpBlock(nn.Module):
         skips = list(skips)
         for i in range(self.num_layers):
             x = jnp.concatenate([x, skips.pop()], axis=-1)
-            x = ResnetBlock(self.out_channels, self.dropout, name=f"resnets_{i}")(x, temb, deterministic)
+            x = ResnetBlock(self.out_channels, self.dropout, name=f"resnets_{i}",
+                            **self.policy)(x, temb, deterministic)
             if self.cross_attn:
                 x = Transformer2D(self.out_channels, self.heads, self.depth, self.use_linear_projection,
                                   self.dropout, self.norm_eps, self.exact_gelu,
-                                  name=f"attentions_{i}")(x, context, deterministic)
+                                  name=f"attentions_{i}", **self.policy)(x, context, deterministic)
         if self.add_upsample:
-            x = _Upsample(self.out_channels, name="upsamplers_0")(x)
+            x = _Upsample(self.out_channels, name="upsamplers_0", **self.policy)(x)
         return x
 
 
-class MidBlock(nn.Module):
+class MidBlock(_Typed):
     """``UNetMidBlock2DCrossAttn``: resnet, transformer, resnet."""
 
     channels: int
@@ -469,26 +483,34 @@ class MidBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, temb, context, deterministic: bool):
-        x = ResnetBlock(self.channels, self.dropout, name="resnets_0")(x, temb, deterministic)
+        x = ResnetBlock(self.channels, self.dropout, name="resnets_0", **self.policy)(
+            x, temb, deterministic)
         x = Transformer2D(self.channels, self.heads, self.depth, self.use_linear_projection,
                           self.dropout, self.norm_eps, self.exact_gelu,
-                          name="attentions_0")(x, context, deterministic)
-        return ResnetBlock(self.channels, self.dropout, name="resnets_1")(x, temb, deterministic)
+                          name="attentions_0", **self.policy)(x, context, deterministic)
+        return ResnetBlock(self.channels, self.dropout, name="resnets_1", **self.policy)(
+            x, temb, deterministic)
 
 
-class TimestepEmbedding(nn.Module):
+class TimestepEmbedding(_Typed):
     dim: int
 
     @nn.compact
     def __call__(self, x):
-        x = nn.Dense(self.dim, name="linear_1")(x)
-        return nn.Dense(self.dim, name="linear_2")(nn.silu(x))
+        x = self.dense(self.dim, "linear_1")(x)
+        return self.dense(self.dim, "linear_2")(nn.silu(x))
 
 
 class UNet2DConditionModel(nn.Module):
-    """Text-conditioned U-Net (NHWC); its params are diffusers' Flax tree as is."""
+    """Text-conditioned U-Net (NHWC); its params are diffusers' Flax tree as is.
+
+    ``dtype``: the computation dtype of its matmuls and convolutions (bfloat16 on
+    accelerators); ``param_dtype``: its parameters' (float32 master weights by default).
+    Norms and softmax compute in float32; the output is float32."""
 
     cfg: UNet2DConditionConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array,
@@ -503,20 +525,21 @@ class UNet2DConditionModel(nn.Module):
         timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (sample.shape[0],))
 
         temb = timestep_embedding(timesteps, chans[0], cfg.flip_sin_to_cos, cfg.freq_shift)
-        temb = TimestepEmbedding(4 * chans[0], name="time_embedding")(temb)
+        policy = {"dtype": self.dtype, "param_dtype": self.param_dtype}
+        temb = TimestepEmbedding(4 * chans[0], name="time_embedding", **policy)(temb)
 
-        x = _conv3(chans[0], "conv_in")(sample)
+        x = nn.Conv(chans[0], (3, 3), padding=((1, 1), (1, 1)), name="conv_in", **policy)(sample)
         skips = [x]
         for i, kind in enumerate(cfg.down_block_types):
             x, s = DownBlock(chans[i], cfg.layers_per_block, kind == "CrossAttnDownBlock2D", heads[i],
                              depths[i], cfg.use_linear_projection, add_downsample=i != n - 1,
                              dropout=cfg.dropout, norm_eps=cfg.transformer_norm_eps,
-                             exact_gelu=cfg.exact_gelu, name=f"down_blocks_{i}")(
+                             exact_gelu=cfg.exact_gelu, name=f"down_blocks_{i}", **policy)(
                                  x, temb, encoder_hidden_states, det)
             skips += s
         x = MidBlock(chans[-1], heads[-1], depths[-1], cfg.use_linear_projection, cfg.dropout,
                      cfg.transformer_norm_eps, cfg.exact_gelu,
-                     name="mid_block")(x, temb, encoder_hidden_states, det)
+                     name="mid_block", **policy)(x, temb, encoder_hidden_states, det)
         rev_chans, rev_heads, rev_depths = chans[::-1], heads[::-1], depths[::-1]
         per_block = cfg.layers_per_block + 1
         for i, kind in enumerate(cfg.up_block_types):
@@ -524,10 +547,13 @@ class UNet2DConditionModel(nn.Module):
             x = UpBlock(rev_chans[i], per_block, kind == "CrossAttnUpBlock2D", rev_heads[i],
                         rev_depths[i], cfg.use_linear_projection, add_upsample=i != n - 1,
                         dropout=cfg.dropout, norm_eps=cfg.transformer_norm_eps,
-                        exact_gelu=cfg.exact_gelu, name=f"up_blocks_{i}")(
+                        exact_gelu=cfg.exact_gelu, name=f"up_blocks_{i}", **policy)(
                             x, s, temb, encoder_hidden_states, det)
-        x = nn.GroupNorm(num_groups=GROUPS, epsilon=1e-5, name="conv_norm_out")(x)
-        return _conv3(cfg.out_channels, "conv_out")(nn.silu(x))
+        x = nn.GroupNorm(num_groups=GROUPS, epsilon=1e-5, name="conv_norm_out",
+                         dtype=jnp.float32, param_dtype=self.param_dtype)(x)
+        out = nn.Conv(cfg.out_channels, (3, 3), padding=((1, 1), (1, 1)), name="conv_out",
+                      **policy)(nn.silu(x))
+        return out.astype(jnp.float32)
 
 
 def init_params(cfg: UNet2DConditionConfig, rng: jax.Array, context_len: int = 1) -> PyTree:

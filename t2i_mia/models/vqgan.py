@@ -139,15 +139,22 @@ def _validate_vqgan(c: VQGANConfig) -> None:
 
 # ----------------------------------------------------------------------------- modules
 
-def _conv(features: int, k: int, name: str, dtype, stride: int = 1, padding="SAME_1"):
+def _policy(owner: nn.Module) -> dict:
+    """The precision policy of ``owner`` (its ``dtype`` and ``param_dtype``)."""
+    return {"dtype": owner.dtype, "param_dtype": owner.param_dtype}
+
+
+def _conv(features: int, k: int, name: str, owner: nn.Module, stride: int = 1,
+          padding="SAME_1"):
     if padding == "SAME_1":
         padding = ((k // 2, k // 2), (k // 2, k // 2))
-    return nn.Conv(features, (k, k), strides=(stride, stride), padding=padding, dtype=dtype,
-                   name=name)
+    return nn.Conv(features, (k, k), strides=(stride, stride), padding=padding, name=name,
+                   **_policy(owner))
 
 
-def _norm(name: str, dtype):
-    return nn.GroupNorm(num_groups=_GROUPS, epsilon=1e-6, dtype=dtype, name=name)
+def _norm(name: str, owner: nn.Module):
+    # float32 statistics (flax's rule), output in the owner's dtype
+    return nn.GroupNorm(num_groups=_GROUPS, epsilon=1e-6, name=name, **_policy(owner))
 
 
 class ResnetBlock(nn.Module):
@@ -156,15 +163,16 @@ class ResnetBlock(nn.Module):
     out_channels: int
     dropout: float = 0.0
     dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
-        h = _conv(self.out_channels, 3, "conv1", self.dtype)(nn.swish(_norm("norm1", self.dtype)(x)))
-        h = nn.swish(_norm("norm2", self.dtype)(h))
+        h = _conv(self.out_channels, 3, "conv1", self)(nn.swish(_norm("norm1", self)(x)))
+        h = nn.swish(_norm("norm2", self)(h))
         h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
-        h = _conv(self.out_channels, 3, "conv2", self.dtype)(h)
+        h = _conv(self.out_channels, 3, "conv2", self)(h)
         if x.shape[-1] != self.out_channels:
-            x = _conv(self.out_channels, 1, "nin_shortcut", self.dtype, padding="VALID")(x)
+            x = _conv(self.out_channels, 1, "nin_shortcut", self, padding="VALID")(x)
         return x + h
 
 
@@ -172,18 +180,19 @@ class AttnBlock(nn.Module):
     """Single-head spatial self-attention with 1x1-conv projections."""
 
     dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x):
         b, h, w, c = x.shape
-        y = _norm("norm", self.dtype)(x)
-        q = _conv(c, 1, "q", self.dtype, padding="VALID")(y).reshape(b, h * w, c)
-        k = _conv(c, 1, "k", self.dtype, padding="VALID")(y).reshape(b, h * w, c)
-        v = _conv(c, 1, "v", self.dtype, padding="VALID")(y).reshape(b, h * w, c)
+        y = _norm("norm", self)(x)
+        q = _conv(c, 1, "q", self, padding="VALID")(y).reshape(b, h * w, c)
+        k = _conv(c, 1, "k", self, padding="VALID")(y).reshape(b, h * w, c)
+        v = _conv(c, 1, "v", self, padding="VALID")(y).reshape(b, h * w, c)
         logits = jnp.einsum("bqc,bkc->bqk", q, k) * (int(c) ** -0.5)
         attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
         y = jnp.einsum("bqk,bkc->bqc", attn, v).reshape(b, h, w, c)
-        return x + _conv(c, 1, "proj_out", self.dtype, padding="VALID")(y)
+        return x + _conv(c, 1, "proj_out", self, padding="VALID")(y)
 
 
 class _Resample(nn.Module):
@@ -194,17 +203,18 @@ class _Resample(nn.Module):
     up: bool
     with_conv: bool
     dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x):
         if self.up:
             x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
             if self.with_conv:
-                x = _conv(self.channels, 3, "conv", self.dtype)(x)
+                x = _conv(self.channels, 3, "conv", self)(x)
             return x
         if self.with_conv:
             x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
-            return _conv(self.channels, 3, "conv", self.dtype, stride=2, padding="VALID")(x)
+            return _conv(self.channels, 3, "conv", self, stride=2, padding="VALID")(x)
         return nn.avg_pool(x, (2, 2), strides=(2, 2), padding="VALID")
 
 
@@ -218,17 +228,18 @@ class _Level(nn.Module):
     with_conv: bool
     dropout: float
     dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
         for i in range(self.n_blocks):
-            x = ResnetBlock(self.out_channels, self.dropout, self.dtype, name=f"block_{i}")(
+            x = ResnetBlock(self.out_channels, self.dropout, name=f"block_{i}", **_policy(self))(
                 x, deterministic)
             if self.use_attn:
-                x = AttnBlock(self.dtype, name=f"attn_{i}")(x)
+                x = AttnBlock(name=f"attn_{i}", **_policy(self))(x)
         if self.resample is not None:
             x = _Resample(self.out_channels, self.resample == "upsample", self.with_conv,
-                          self.dtype, name=self.resample)(x)
+                          name=self.resample, **_policy(self))(x)
         return x
 
 
@@ -236,12 +247,14 @@ class _Mid(nn.Module):
     channels: int
     dropout: float
     dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
-        x = ResnetBlock(self.channels, self.dropout, self.dtype, name="block_1")(x, deterministic)
-        x = AttnBlock(self.dtype, name="attn_1")(x)
-        return ResnetBlock(self.channels, self.dropout, self.dtype, name="block_2")(
+        x = ResnetBlock(self.channels, self.dropout, name="block_1", **_policy(self))(
+            x, deterministic)
+        x = AttnBlock(name="attn_1", **_policy(self))(x)
+        return ResnetBlock(self.channels, self.dropout, name="block_2", **_policy(self))(
             x, deterministic)
 
 
@@ -250,23 +263,24 @@ class Encoder(nn.Module):
 
     config: VQGANConfig
     dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
         c = self.config
-        x = _conv(c.ch, 3, "conv_in", self.dtype)(x)
+        x = _conv(c.ch, 3, "conv_in", self)(x)
         res = c.resolution
         for i, mult in enumerate(c.ch_mult):
             last = i == c.num_resolutions - 1
             x = _Level(c.ch * mult, c.num_res_blocks, res in c.attn_resolutions,
                        None if last else "downsample", c.resamp_with_conv, c.dropout,
-                       self.dtype, name=f"down_{i}")(x, deterministic)
+                       name=f"down_{i}", **_policy(self))(x, deterministic)
             if not last:
                 res //= 2
-        x = _Mid(c.ch * c.ch_mult[-1], c.dropout, self.dtype, name="mid")(x, deterministic)
-        x = nn.swish(_norm("norm_out", self.dtype)(x))
+        x = _Mid(c.ch * c.ch_mult[-1], c.dropout, name="mid", **_policy(self))(x, deterministic)
+        x = nn.swish(_norm("norm_out", self)(x))
         return _conv(2 * c.z_channels if c.double_z else c.z_channels, 3, "conv_out",
-                     self.dtype)(x)
+                     self)(x)
 
 
 class Decoder(nn.Module):
@@ -274,21 +288,22 @@ class Decoder(nn.Module):
 
     config: VQGANConfig
     dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, z, deterministic: bool = True):
         c = self.config
-        x = _conv(c.ch * c.ch_mult[-1], 3, "conv_in", self.dtype)(z)
-        x = _Mid(c.ch * c.ch_mult[-1], c.dropout, self.dtype, name="mid")(x, deterministic)
+        x = _conv(c.ch * c.ch_mult[-1], 3, "conv_in", self)(z)
+        x = _Mid(c.ch * c.ch_mult[-1], c.dropout, name="mid", **_policy(self))(x, deterministic)
         res = c.resolution // c.downsample_factor
         for i in reversed(range(c.num_resolutions)):
             x = _Level(c.ch * c.ch_mult[i], c.num_res_blocks + 1, res in c.attn_resolutions,
                        "upsample" if i != 0 else None, c.resamp_with_conv, c.dropout,
-                       self.dtype, name=f"up_{i}")(x, deterministic)
+                       name=f"up_{i}", **_policy(self))(x, deterministic)
             if i != 0:
                 res *= 2
-        x = nn.swish(_norm("norm_out", self.dtype)(x))
-        return _conv(c.out_ch, 3, "conv_out", self.dtype)(x)
+        x = nn.swish(_norm("norm_out", self)(x))
+        return _conv(c.out_ch, 3, "conv_out", self)(x)
 
 
 class VectorQuantizer(nn.Module):
@@ -354,14 +369,15 @@ class VQModel(nn.Module):
 
     config: VQGANConfig
     dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
 
     def setup(self):
         c = self.config
-        self.encoder = Encoder(c, self.dtype)
-        self.decoder = Decoder(c, self.dtype)
+        self.encoder = Encoder(c, **_policy(self))
+        self.decoder = Decoder(c, **_policy(self))
         self.quantize = VectorQuantizer(c.n_embed, c.embed_dim)
-        self.quant_conv = nn.Conv(c.embed_dim, (1, 1), padding="VALID", dtype=self.dtype)
-        self.post_quant_conv = nn.Conv(c.z_channels, (1, 1), padding="VALID", dtype=self.dtype)
+        self.quant_conv = nn.Conv(c.embed_dim, (1, 1), padding="VALID", **_policy(self))
+        self.post_quant_conv = nn.Conv(c.z_channels, (1, 1), padding="VALID", **_policy(self))
 
     def encode_latents(self, pixel_values, deterministic: bool = True):
         """f32[B,H,W,C] in [-1,1] -> continuous latents z_e f32[B,h,w,embed_dim]."""

@@ -67,6 +67,7 @@ from t2i_mia.data.sources import open_dataset
 from t2i_mia.data.splits import build_splits
 from t2i_mia.errors import ConfigError, DataError
 from t2i_mia.models.configs import check_model_configs
+from t2i_mia.models.precision import policy_of
 from t2i_mia.parallel.mesh import config_rules, make_mesh
 from t2i_mia.pipeline.paths import RunPaths
 from t2i_mia.report.result import AuditReport
@@ -197,14 +198,15 @@ def audit(cfg: Config, paths: RunPaths, progress: bool = True) -> AuditResult:
 
     with timer.phase("encoder"):
         if a.encoder.dir:
-            encoder = load_encoder(a.encoder.dir, mesh, config_rules(cfg))
+            encoder = load_encoder(a.encoder.dir, mesh, config_rules(cfg), policy_of(cfg))
             encoder_info = {"source": a.encoder.dir}
         else:
             # the adversary's own data only: auxiliary is disjoint from every queried set
             aux_images, aux_captions = dataset.get_many(manifest.ids("auxiliary"))
             aux_sha = ids_hash(manifest.hashes("auxiliary"))
             encoder = train_or_load_encoder(a.encoder, aux_images, aux_captions, aux_sha,
-                                            cfg.seed, cache, mesh, config_rules(cfg))
+                                            cfg.seed, cache, mesh, config_rules(cfg),
+                                            policy_of(cfg))
             encoder_info = {"source": "trained on auxiliary" + (" (--aux)" if explicit else ""),
                             "n_members": len(aux_images), "members_sha256": aux_sha}
 

@@ -27,12 +27,17 @@ from jax.sharding import Mesh
 from t2i_mia.config import Config
 from t2i_mia.errors import ConfigError
 from t2i_mia.models.ldm import load_stable_diffusion
+from t2i_mia.models.precision import policy_of
+from t2i_mia.parallel.mesh import config_rules
 from t2i_mia.targets import factory
-from t2i_mia.targets.dalle_mini import DalleMiniTarget, check_components, load_dalle_mini
+from t2i_mia.targets.dalle_mini import (
+    DalleMiniTarget,
+    check_components,
+    load_dalle_mini,
+)
 from t2i_mia.targets.external import load_model
 from t2i_mia.targets.factory import ModelCache, ids_hash, model_info, model_members
 from t2i_mia.targets.generations import GenerationsTarget
-from t2i_mia.parallel.mesh import config_rules
 from t2i_mia.targets.ldm import LDMTarget
 from t2i_mia.targets.protocol import Models
 from t2i_mia.timing import Timer
@@ -65,20 +70,20 @@ def _build_ldm_models(cfg: Config, paths, dataset, manifest, cache: ModelCache,
             else:
                 comps = factory.ldm_for(cfg, "target", dataset, manifest, base, cache, mesh)
             target = LDMTarget(comps, sample, seed=cfg.seed, mesh=mesh, name="target",
-                               rules=config_rules(cfg))
+                               rules=config_rules(cfg), policy=policy_of(cfg))
     # One model trained on shadow_members: the shadow (shadow mode) and in every mode the
     # null target (its training data is disjoint from the evaluated members).
     with timer.phase("shadow" if cfg.adversary.aux_mode == "shadow" else "null_model"):
         s_comps = factory.ldm_for(cfg, "shadow", dataset, manifest, base, cache, mesh)
         shadow = LDMTarget(s_comps, sample, seed=cfg.seed + 1, mesh=mesh, name="shadow",
-                           rules=config_rules(cfg))
+                           rules=config_rules(cfg), policy=policy_of(cfg))
     refs, ref_info = [], []
     with timer.phase("reference"):
         for r in range(cfg.adversary.n_reference):
             name = f"reference_{r}"
             r_comps = factory.ldm_for(cfg, name, dataset, manifest, base, cache, mesh)
             refs.append(LDMTarget(r_comps, sample, seed=cfg.seed + 2 + r, mesh=mesh,
-                                  name=name, rules=config_rules(cfg)))
+                                  name=name, rules=config_rules(cfg), policy=policy_of(cfg)))
             ref_info.append(model_info(manifest, name))
     return _roles(cfg, manifest, target, shadow, refs, ref_info)
 
@@ -152,12 +157,14 @@ def _build_dalle_models(cfg: Config, paths, dataset, manifest, cache: ModelCache
                                  + manifest.hashes("target_known_members"))
             comps = factory.train_or_load_dalle(cfg, "target", im, cap, h, vqgan, tok, cache, mesh)
         target = DalleMiniTarget.from_components(comps, sample, seed=cfg.seed, mesh=mesh,
-                                                 name="target", rules=config_rules(cfg))
+                                                 name="target", rules=config_rules(cfg),
+                                                 policy=policy_of(cfg))
     with timer.phase("shadow" if cfg.adversary.aux_mode == "shadow" else "null_model"):
         im, cap, h = split("shadow_members")
         s_comps = factory.train_or_load_dalle(cfg, "shadow", im, cap, h, vqgan, tok, cache, mesh)
         shadow = DalleMiniTarget.from_components(s_comps, sample, seed=cfg.seed + 1, mesh=mesh,
-                                                 name="shadow", rules=config_rules(cfg))
+                                                 name="shadow", rules=config_rules(cfg),
+                                                 policy=policy_of(cfg))
     refs, ref_info = [], []
     with timer.phase("reference"):
         for r in range(cfg.adversary.n_reference):
@@ -168,7 +175,8 @@ def _build_dalle_models(cfg: Config, paths, dataset, manifest, cache: ModelCache
                                                   tok, cache, mesh)
             refs.append(DalleMiniTarget.from_components(comps_r, sample, seed=cfg.seed + 2 + r,
                                                         mesh=mesh, name=name,
-                                                        rules=config_rules(cfg)))
+                                                        rules=config_rules(cfg),
+                                                        policy=policy_of(cfg)))
             ref_info.append(model_info(manifest, name))
     return _roles(cfg, manifest, target, shadow, refs, ref_info)
 

@@ -41,6 +41,7 @@ from t2i_mia.config import DalleSampleConfig
 from t2i_mia.errors import ConfigError, DataError
 from t2i_mia.models import dallebart as db
 from t2i_mia.models import vqgan as vq
+from t2i_mia.models.precision import FLOAT32, cast_params
 from t2i_mia.models.text_normalize import fit_token_ids, normalize_text
 from t2i_mia.models.tokenizer import TextTokenizer
 from t2i_mia.parallel.batching import batched_apply, round_batch
@@ -137,11 +138,12 @@ class DalleMiniTarget:
       seed: root seed of the per-image keys.
       mesh: device mesh; rows are sharded over its ``data`` axis.
       rules: how its ``model`` axis splits the parameters (``mesh.rules``).
+      policy: the precision (``dtype``, ``param_dtype``; :mod:`t2i_mia.models.precision`).
     """
     def __init__(self, vqgan_cfg: vq.VQGANConfig, vqgan_params: PyTree,
                  bart_cfg: db.DalleBartConfig, bart_params: PyTree, tokenizer: TextTokenizer,
                  sample: DalleSampleConfig, seed: int, mesh: Mesh, name: str = "dalle-mini",
-                 rules: Rules = DEFAULT_RULES):
+                 rules: Rules = DEFAULT_RULES, policy: dict = FLOAT32):
         self.image_size = check_components(vqgan_cfg, bart_cfg, tokenizer, f"target {name}")
         if sample.top_k < 0:
             raise ConfigError(f"dalle.sample.top_k = {sample.top_k}: expected >= 0 (0 = off)")
@@ -158,18 +160,19 @@ class DalleMiniTarget:
         self.batch_size = round_batch(sample.batch_size, mesh)
         self._long_tok = with_max_length(tokenizer, bart_cfg.max_text_length + 1)
         self.uncond = empty_caption(tokenizer, bart_cfg)
-        self.rules = rules
-        self.params = place_params({"vqgan": vqgan_params, "bart": bart_params}, mesh, rules)
+        self.rules, self.policy = rules, policy
+        self.params = place_params(cast_params({"vqgan": vqgan_params, "bart": bart_params},
+                                               policy["param_dtype"]), mesh, rules)
         self.param_shardings = jax.tree.map(lambda x: x.sharding, self.params)
         self._sample = self._build_sampler()
         self._nll = None
 
     @classmethod
     def from_components(cls, comps: DalleMiniComponents, sample: DalleSampleConfig, seed: int,
-                        mesh: Mesh, name: str = "dalle-mini", rules: Rules = DEFAULT_RULES
-                        ) -> "DalleMiniTarget":
+                        mesh: Mesh, name: str = "dalle-mini", rules: Rules = DEFAULT_RULES,
+                        policy: dict = FLOAT32) -> "DalleMiniTarget":
         return cls(comps.vqgan_cfg, comps.vqgan_params, comps.bart_cfg, comps.bart_params,
-                   comps.tokenizer, sample, seed, mesh, name, rules)
+                   comps.tokenizer, sample, seed, mesh, name, rules, policy)
 
     def encode_text(self, captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """captions -> (ids, mask) int32[N, max_text_length], as the model was trained."""
@@ -182,7 +185,8 @@ class DalleMiniTarget:
         top_p = s.top_p if s.top_p < 1.0 else None
         guided = s.condition_scale != 1.0
         u_ids, u_mask = (jnp.asarray(a)[None] for a in self.uncond)
-        model = vq.VQModel(self.vqgan_cfg)
+        model = vq.VQModel(self.vqgan_cfg, **self.policy)
+        dtype = self.policy["dtype"]
 
         def sample(params, ids, mask, keys):
             """ids/mask int32[B,L], keys uint32[B,2] -> (uint8[B,H,W,3], int32[B,n])."""
@@ -191,10 +195,10 @@ class DalleMiniTarget:
                 kw = dict(uncond_input_ids=u_ids, uncond_attention_mask=u_mask,
                           condition_scale=s.condition_scale)
             seq = db.generate(params["bart"], bcfg, ids, mask, keys, top_k=top_k, top_p=top_p,
-                              temperature=s.temperature, **kw)
+                              temperature=s.temperature, dtype=dtype, **kw)
             tokens = seq[:, 1:]
             images = model.apply({"params": params["vqgan"]}, tokens,
-                                 method=vq.VQModel.decode_code)
+                                 method=vq.VQModel.decode_code).astype(jnp.float32)
             return to_uint8(images), tokens
 
         bs = batch_sharding(self.mesh, 2)
@@ -241,12 +245,12 @@ class DalleMiniTarget:
             raise DataError(f"white_box_loss: images {images.shape}, expected "
                             f"[N, {self.image_size}, {self.image_size}, 3] (the model's size)")
         tokens = encode_tokens(self.vqgan_cfg, self.params["vqgan"], images, self.mesh,
-                               rules=self.rules)
+                               rules=self.rules, policy=self.policy)
         tok_ids, tok_mask = self.encode_text(captions)
         if self._nll is None:
             bs = batch_sharding(self.mesh, 2)
-            cfg = self.bart_cfg
-            self._nll = jax.jit(lambda p, i, m, t: token_nll(cfg, p, i, m, t),
+            cfg, policy = self.bart_cfg, self.policy
+            self._nll = jax.jit(lambda p, i, m, t: token_nll(cfg, p, i, m, t, policy=policy),
                                 in_shardings=(self.param_shardings["bart"], bs, bs, bs),
                                 out_shardings=batch_sharding(self.mesh, 1))
         return batched_apply(self._nll, self.params["bart"], (tok_ids, tok_mask, tokens),

@@ -27,6 +27,7 @@ from t2i_mia.errors import CheckpointError, ConfigError, DataError
 from t2i_mia.models import formats
 from t2i_mia.models import vqgan as vq
 from t2i_mia.models.ldm import check_not_lora_or_single_file, load_stable_diffusion
+from t2i_mia.models.precision import policy_of
 from t2i_mia.parallel.mesh import config_rules
 from t2i_mia.targets.dalle_mini import DalleMiniTarget, load_dalle_mini
 from t2i_mia.targets.generations import GenerationsTarget, first_image_size
@@ -74,11 +75,11 @@ def load_model(kind: str, folder: str, cfg: Config, image_size: int, seed: int, 
     ``image_size`` (the audited one's) is an error naming the folder."""
     if kind == "ldm":
         model = LDMTarget(load_stable_diffusion(folder), cfg.ldm.sample, seed=seed, mesh=mesh,
-                          name=name, rules=config_rules(cfg))
+                          name=name, rules=config_rules(cfg), policy=policy_of(cfg))
     elif kind == "dalle-mini":
         model = DalleMiniTarget.from_components(load_dalle_mini(folder), cfg.dalle.sample,
                                                 seed=seed, mesh=mesh, name=name,
-                                                rules=config_rules(cfg))
+                                                rules=config_rules(cfg), policy=policy_of(cfg))
     elif kind == "generations":
         model = GenerationsTarget(folder, image_size)
     else:

@@ -27,7 +27,12 @@ from t2i_mia.models import dallebart as db
 from t2i_mia.models import unet as unet_lib
 from t2i_mia.models import vqgan as vq
 from t2i_mia.models.clip import CLIPTextConfig
-from t2i_mia.models.ldm import LDMComponents, load_stable_diffusion, save_stable_diffusion
+from t2i_mia.models.ldm import (
+    LDMComponents,
+    load_stable_diffusion,
+    save_stable_diffusion,
+)
+from t2i_mia.models.precision import policy_of, policy_tag
 from t2i_mia.models.text_normalize import normalize_text
 from t2i_mia.models.tokenizer import TextTokenizer
 from t2i_mia.parallel.mesh import config_rules
@@ -39,7 +44,12 @@ from t2i_mia.targets.dalle_mini import (
     save_dalle_mini,
     tokenize_captions,
 )
-from t2i_mia.training.dalle_train import encode_tokens, train_dallebart, train_vqgan, vqgan_stats
+from t2i_mia.training.dalle_train import (
+    encode_tokens,
+    train_dallebart,
+    train_vqgan,
+    vqgan_stats,
+)
 from t2i_mia.training.ldm_train import encode_latents, train_autoencoder, train_ldm
 
 log = logging.getLogger(__name__)
@@ -84,14 +94,15 @@ def train_or_load_autoencoder(cfg: Config, pretrain_images: np.ndarray, pretrain
     """The autoencoder shared by target and shadow, trained on ``pretrain``."""
     vae_cfg = autoencoder_kl.AutoencoderKLConfig.from_dict(cfg.ldm.vae, "config 'ldm.vae'")
     key = cache_key("vae", cfg.ldm.vae, cfg.ldm.vae_train.__dict__, cfg.ldm.vae_kl_weight,
-                    pretrain_hash, cfg.seed)
+                    pretrain_hash, cfg.seed, *policy_tag(policy_of(cfg)))
     folder = cache.model_dir("vae", key)
     if cache.done("vae", key):
         log.info("autoencoder: cached %s", folder)
         return autoencoder_kl.load_vae(folder)
     vae_cfg, params = train_autoencoder(
         vae_cfg, pretrain_images, cfg.ldm.vae_train, kl_weight=cfg.ldm.vae_kl_weight,
-        seed=cfg.seed, mesh=mesh, ckpt_dir=cache.ckpt_dir("vae", key), rules=config_rules(cfg))
+        seed=cfg.seed, mesh=mesh, ckpt_dir=cache.ckpt_dir("vae", key), rules=config_rules(cfg),
+        policy=policy_of(cfg))
     autoencoder_kl.save_vae(folder, vae_cfg, params)
     cache.mark_done("vae", key, {"trained_on": "pretrain", "n": int(len(pretrain_images))})
     return vae_cfg, params
@@ -123,7 +134,7 @@ def train_or_load_ldm(cfg: Config, name: str, images: np.ndarray, captions: list
     if train_section.get("timestep_power") == 1.0:  # the default keeps earlier cache keys
         del train_section["timestep_power"]
     key = cache_key("ldm", train_section, vae_cfg.to_dict(), members_hash, cfg.seed,
-                    cfg.data.image_size)
+                    cfg.data.image_size, *policy_tag(policy_of(cfg)))
     folder = cache.model_dir(f"ldm-{name}", key)
     if cache.done(f"ldm-{name}", key):
         log.info("ldm %s: cached %s", name, folder)
@@ -131,7 +142,8 @@ def train_or_load_ldm(cfg: Config, name: str, images: np.ndarray, captions: list
     unet_cfg = unet_lib.UNet2DConditionConfig.from_dict(cfg.ldm.unet, "config 'ldm.unet'")
     text_cfg = CLIPTextConfig.from_dict(cfg.ldm.text_encoder, "config 'ldm.text_encoder'")
     sched_cfg = schedulers.SchedulerConfig.from_dict(cfg.ldm.scheduler, "config 'ldm.scheduler'")
-    latents = encode_latents(vae_cfg, vae_params, images, mesh, rules=config_rules(cfg))
+    latents = encode_latents(vae_cfg, vae_params, images, mesh, rules=config_rules(cfg),
+                             policy=policy_of(cfg))
     ids, mask = tokenizer.encode(captions)
     u_ids, u_mask = tokenizer.encode([""])
     # A different seed per model so target and shadow are independent draws.
@@ -140,7 +152,7 @@ def train_or_load_ldm(cfg: Config, name: str, images: np.ndarray, captions: list
                        cfg.ldm.train, caption_dropout=cfg.ldm.caption_dropout, seed=seed,
                        timestep_power=cfg.ldm.timestep_power,
                        mesh=mesh, ckpt_dir=cache.ckpt_dir(f"ldm-{name}", key),
-                       rules=config_rules(cfg))
+                       rules=config_rules(cfg), policy=policy_of(cfg))
     comps = LDMComponents(vae_cfg=vae_cfg, vae_params=vae_params, unet_cfg=unet_cfg,
                           unet_params=params["unet"], text_cfg=text_cfg,
                           text_params=params["text"], tokenizer=tokenizer,
@@ -225,17 +237,18 @@ def train_or_load_vqgan(cfg: Config, images: np.ndarray, images_hash: str, cache
     vq.check_image_size(vqgan_cfg, (1, cfg.data.image_size, cfg.data.image_size, 3),
                         f"data.image_size = {cfg.data.image_size}")
     key = cache_key("vqgan", cfg.dalle.vqgan, cfg.dalle.vqgan_train.__dict__, images_hash,
-                    cfg.seed, cfg.data.image_size)
+                    cfg.seed, cfg.data.image_size, *policy_tag(policy_of(cfg)))
     folder = cache.model_dir("vqgan", key)
     if cache.done("vqgan", key):
         log.info("vqgan: cached %s", folder)
         c, p = vq.load_vqgan(folder)
         return c, p, key
     params = train_vqgan(vqgan_cfg, images, cfg.dalle.vqgan_train, seed=cfg.seed, mesh=mesh,
-                         ckpt_dir=cache.ckpt_dir("vqgan", key), rules=config_rules(cfg))
+                         ckpt_dir=cache.ckpt_dir("vqgan", key), rules=config_rules(cfg),
+                         policy=policy_of(cfg))
     vq.save_vqgan(folder, vqgan_cfg, params)
     stats = vqgan_stats(vqgan_cfg, params, images[: min(len(images), 512)], mesh,
-                        config_rules(cfg))
+                        config_rules(cfg), policy_of(cfg))
     cache.mark_done("vqgan", key, {"trained_on": "pretrain", "n": int(len(images)), **stats})
     return vqgan_cfg, params, key
 
@@ -268,12 +281,14 @@ def train_or_load_dalle(cfg: Config, name: str, images: np.ndarray, captions: li
     bart = _bart_config(cfg, vqgan_cfg, tokenizer)
     dropout = getattr(cfg.dalle, "caption_dropout", CAPTION_DROPOUT)
     key = cache_key("dalle", cfg.dalle.bart, cfg.dalle.vocab_size, cfg.dalle.train.__dict__,
-                    dropout, vqgan_key, members_hash, cfg.seed, cfg.data.image_size)
+                    dropout, vqgan_key, members_hash, cfg.seed, cfg.data.image_size,
+                    *policy_tag(policy_of(cfg)))
     folder = cache.model_dir(f"dalle-{name}", key)
     if cache.done(f"dalle-{name}", key):
         log.info("dalle-mini %s: cached %s", name, folder)
         return load_dalle_mini(folder)
-    tokens = encode_tokens(vqgan_cfg, vqgan_params, images, mesh, rules=config_rules(cfg))
+    tokens = encode_tokens(vqgan_cfg, vqgan_params, images, mesh, rules=config_rules(cfg),
+                           policy=policy_of(cfg))
     ids, mask = tokenize_captions(captions, tokenizer, bart)
     u_ids, u_mask = empty_caption(tokenizer, bart)
     # A different seed per model so target and shadow are independent draws.
@@ -281,7 +296,7 @@ def train_or_load_dalle(cfg: Config, name: str, images: np.ndarray, captions: li
     params = train_dallebart(bart, ids, mask, tokens, u_ids, u_mask, cfg.dalle.train,
                              caption_dropout=dropout, seed=seed, mesh=mesh,
                              ckpt_dir=cache.ckpt_dir(f"dalle-{name}", key),
-                             rules=config_rules(cfg))
+                             rules=config_rules(cfg), policy=policy_of(cfg))
     comps = DalleMiniComponents(vqgan_cfg, vqgan_params, bart, params, tokenizer)
     save_dalle_mini(folder, comps)
     cache.mark_done(f"dalle-{name}", key, {"trained_on": name, "n": int(len(images))})

@@ -17,9 +17,11 @@ import numpy as np
 from jax.sharding import Mesh
 
 from t2i_mia.config import DiffusionSampleConfig
-from t2i_mia.models import autoencoder_kl, schedulers, unet as unet_lib
+from t2i_mia.models import autoencoder_kl, schedulers
+from t2i_mia.models import unet as unet_lib
 from t2i_mia.models.clip import CLIPTextModel
 from t2i_mia.models.ldm import LDMComponents
+from t2i_mia.models.precision import FLOAT32, cast_params
 from t2i_mia.parallel.batching import batched_apply, round_batch
 from t2i_mia.parallel.mesh import DEFAULT_RULES, Rules, batch_sharding, place_params
 from t2i_mia.targets.protocol import image_keys
@@ -43,10 +45,13 @@ class LDMTarget:
       seed: root seed of the per-image keys.
       mesh: device mesh; prompts are sharded over its ``data`` axis.
       rules: how its ``model`` axis splits the parameters (``mesh.rules``).
+      policy: the precision (``dtype``, ``param_dtype``; :mod:`t2i_mia.models.precision`);
+        the parameters are stored in ``param_dtype`` on the devices.
     """
 
     def __init__(self, comps: LDMComponents, sample: DiffusionSampleConfig, seed: int,
-                 mesh: Mesh, name: str = "ldm", rules: Rules = DEFAULT_RULES):
+                 mesh: Mesh, name: str = "ldm", rules: Rules = DEFAULT_RULES,
+                 policy: dict = FLOAT32):
         self.comps = comps
         self.sample_cfg = sample
         self.mesh = mesh
@@ -59,9 +64,10 @@ class LDMTarget:
         text_params = comps.text_params
         if isinstance(text_params, dict) and set(text_params) == {"params"}:
             text_params = text_params["params"]  # variables or the bare tree
-        self.rules = rules
-        self.params = place_params({"unet": comps.unet_params, "text": text_params,
-                                    "vae": comps.vae_params}, mesh, rules)
+        self.rules, self.policy = rules, policy
+        self.params = place_params(cast_params({"unet": comps.unet_params, "text": text_params,
+                                                "vae": comps.vae_params},
+                                               policy["param_dtype"]), mesh, rules)
         self.param_shardings = jax.tree.map(lambda x: x.sharding, self.params)
         u_ids, u_mask = comps.tokenizer.encode([""])
         self.uncond = (jnp.asarray(u_ids[0]), jnp.asarray(u_mask[0]))
@@ -75,9 +81,9 @@ class LDMTarget:
 
     def _build_sampler(self):
         c = self.comps
-        text = CLIPTextModel(c.text_cfg)
-        unet = unet_lib.UNet2DConditionModel(c.unet_cfg)
-        vae = autoencoder_kl.AutoencoderKL(c.vae_cfg)
+        text = CLIPTextModel(c.text_cfg, **self.policy)
+        unet = unet_lib.UNet2DConditionModel(c.unet_cfg, **self.policy)
+        vae = autoencoder_kl.AutoencoderKL(c.vae_cfg, **self.policy)
         shape = self.latent_shape
         g, eta = self.sample_cfg.guidance_scale, self.sample_cfg.eta
         sched, timesteps = c.scheduler_cfg, self.timesteps
@@ -133,7 +139,7 @@ class LDMTarget:
         upper-bound reference only."""
         c = self.comps
         latents = encode_latents(c.vae_cfg, self.params["vae"], np.asarray(images), self.mesh,
-                                 rules=self.rules)
+                                 rules=self.rules, policy=self.policy)
         tok_ids, tok_mask = c.tokenizer.encode(list(captions))
         T = c.scheduler_cfg.num_train_timesteps
         ts = jnp.asarray(np.linspace(0, T - 1, n_timesteps + 2)[1:-1].round().astype(np.int32))
@@ -143,7 +149,8 @@ class LDMTarget:
                     noise = jax.vmap(lambda kk: jax.random.normal(
                         jax.random.fold_in(kk, t), lat.shape[1:]))(keys)
                     return diffusion_loss(c.unet_cfg, c.text_cfg, c.scheduler_cfg, params, lat,
-                                          tid, tmask, jnp.full((lat.shape[0],), t), noise)
+                                          tid, tmask, jnp.full((lat.shape[0],), t), noise,
+                                          self.policy)
                 return jnp.mean(jax.lax.map(one_t, ts), axis=0)
             self._loss = jax.jit(loss)
         keys = np.asarray(image_keys(jax.random.fold_in(self.root_key, 2**31 - 1), ids, 1)

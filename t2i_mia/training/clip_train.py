@@ -38,6 +38,7 @@ from t2i_mia.models.clip import (
     init_clip,
     preprocess_images,
 )
+from t2i_mia.models.precision import FLOAT32, cast_params
 from t2i_mia.models.tokenizer import TextTokenizer
 from t2i_mia.parallel.mesh import DEFAULT_RULES, Rules, init_sharded, make_mesh
 from t2i_mia.training.loop import epoch_batches, train_with_config
@@ -120,12 +121,13 @@ def clip_loss(model: CLIPModel, params: PyTree, batch: dict, rng: jax.Array,
 def train_clip(images: np.ndarray, captions: Sequence[str], tokenizer: TextTokenizer,
                cfg: CLIPConfig, tc: TrainConfig, seed: int, *, image_ssl_weight: float = 0.0,
                mesh: Mesh | None = None, ckpt_dir: str | None = None, progress: bool = True,
-               return_losses: bool = False, rules: Rules = DEFAULT_RULES):
+               return_losses: bool = False, rules: Rules = DEFAULT_RULES,
+               policy: dict = FLOAT32):
     """Trains CLIPModel(cfg) from scratch on pairs (images[i], captions[i]), plus
     ``image_ssl_weight`` times the image-image term (see the module docstring), on the
     shared loop (:mod:`t2i_mia.training.loop`): batches sharded over ``mesh``'s data axis
     (default: one device), parameters and optimiser state split over its model axis by
-    ``rules``, checkpoints every ``tc.checkpoint_every`` steps in ``ckpt_dir``
+    ``rules``, the precision ``policy`` (:mod:`t2i_mia.models.precision`), checkpoints every ``tc.checkpoint_every`` steps in ``ckpt_dir``
     (resumed from when it holds one), EMA when ``tc.ema_decay`` > 0.
 
     images: uint8[N,H,W,3] (resized to the vision tower's image_size if needed);
@@ -166,8 +168,10 @@ def train_clip(images: np.ndarray, captions: Sequence[str], tokenizer: TextToken
     ids, mask = tokenizer.encode(captions)
 
     root = jax.random.key(seed)
-    model = CLIPModel(cfg)
-    params = init_sharded(lambda k: init_clip(cfg, k), mesh, rules, jax.random.fold_in(root, 0))
+    model = CLIPModel(cfg, **policy)
+    pdt = policy["param_dtype"]
+    params = init_sharded(lambda k: cast_params(init_clip(cfg, k), pdt), mesh, rules,
+                          jax.random.fold_in(root, 0))
     tx = make_optimizer(tc)
     ssl = float(image_ssl_weight)
 

@@ -31,12 +31,24 @@ from t2i_mia.config import TrainConfig
 from t2i_mia.errors import DataError
 from t2i_mia.models import dallebart as db
 from t2i_mia.models import vqgan as vq
+from t2i_mia.models.precision import FLOAT32, cast_params
 from t2i_mia.parallel.batching import batched_apply, round_batch
-from t2i_mia.parallel.mesh import (DEFAULT_RULES, Rules, batch_sharding, init_sharded,
-                                   place_params)
+from t2i_mia.parallel.mesh import (
+    DEFAULT_RULES,
+    Rules,
+    batch_sharding,
+    init_sharded,
+    place_params,
+)
 from t2i_mia.training.ldm_train import make_optimizer, to_unit_range
-from t2i_mia.training.loop import (create_train_state, epoch_batches, jit_train_step,
-                                   make_train_step, run_training, train_with_config)
+from t2i_mia.training.loop import (
+    create_train_state,
+    epoch_batches,
+    jit_train_step,
+    make_train_step,
+    run_training,
+    train_with_config,
+)
 
 log = logging.getLogger(__name__)
 PyTree = Any
@@ -45,11 +57,14 @@ PyTree = Any
 # ----------------------------------------------------------------------------- VQGAN
 
 def vq_objective(cfg: vq.VQGANConfig, params: PyTree, pixel_values: jax.Array, *,
-                 beta: float = 0.25) -> tuple[jax.Array, dict, dict]:
+                 beta: float = 0.25, policy: dict = FLOAT32) -> tuple[jax.Array, dict, dict]:
     """:func:`t2i_mia.models.vqgan.vqgan_loss`'s objective (L1 + MSE + codebook + beta *
     commitment, straight-through) that also returns the forward's ``aux`` (``z_e``, ``z_q``,
-    ``indices``), which the codebook restarts need. Returns ``(loss, metrics, aux)``."""
-    x_hat, aux = vq.VQModel(cfg).apply({"params": params}, pixel_values)
+    ``indices``), which the codebook restarts need. Returns ``(loss, metrics, aux)``; the
+    model runs with the precision ``policy``, the loss is float32."""
+    x_hat, aux = vq.VQModel(cfg, **policy).apply({"params": params}, pixel_values)
+    x_hat = x_hat.astype(jnp.float32)
+    aux = dict(aux, z_e=aux["z_e"].astype(jnp.float32), z_q=aux["z_q"].astype(jnp.float32))
     l1 = jnp.mean(jnp.abs(pixel_values - x_hat))
     mse = jnp.mean((pixel_values - x_hat) ** 2)
     codebook = jnp.mean((jax.lax.stop_gradient(aux["z_e"]) - aux["z_q"]) ** 2)
@@ -80,7 +95,7 @@ def train_vqgan(cfg: vq.VQGANConfig, images: np.ndarray, tc: TrainConfig, *, see
                 mesh: Mesh, ckpt_dir: str | None, beta: float = 0.25,
                 restart_every: int = 25, restart_until: float = 0.8,
                 dead_threshold: float = 0.03, usage_decay: float = 0.95,
-                rules: Rules = DEFAULT_RULES) -> PyTree:
+                rules: Rules = DEFAULT_RULES, policy: dict = FLOAT32) -> PyTree:
     """Trains a VQGAN on uint8[N,H,W,3] images (the ``pretrain`` split); returns its params.
 
     Args:
@@ -100,7 +115,9 @@ def train_vqgan(cfg: vq.VQGANConfig, images: np.ndarray, tc: TrainConfig, *, see
     m = bs * tokens_per_image
     until = int(restart_until * tc.steps)
     size = images.shape[1]
-    params = {"vq": init_sharded(lambda k: vq.init_vqgan(cfg, k, image_size=size), mesh, rules,
+    pdt = policy["param_dtype"]
+    params = {"vq": init_sharded(lambda k: cast_params(vq.init_vqgan(cfg, k, image_size=size),
+                                                       pdt), mesh, rules,
                                  jax.random.PRNGKey(seed)),
               "usage": jnp.zeros((n_codes,), jnp.float32)}
     # The usage EMA rides in the params tree (so it is checkpointed) but is not optimised.
@@ -111,7 +128,7 @@ def train_vqgan(cfg: vq.VQGANConfig, images: np.ndarray, tc: TrainConfig, *, see
 
     def loss_fn(p, batch, rng):
         loss, metrics, aux = vq_objective(cfg, p["vq"], to_unit_range(batch["image"]),
-                                          beta=beta)
+                                          beta=beta, policy=policy)
         metrics["_z"] = jax.lax.stop_gradient(aux["z_e"]).reshape(-1, cfg.embed_dim)
         metrics["_counts"] = jnp.bincount(aux["indices"].reshape(-1), length=n_codes)
         return loss, metrics
@@ -141,20 +158,20 @@ def train_vqgan(cfg: vq.VQGANConfig, images: np.ndarray, tc: TrainConfig, *, see
                             num_steps=tc.steps, mesh=mesh, ckpt_dir=ckpt_dir,
                             checkpoint_every=tc.checkpoint_every, desc="vqgan")
     params = jax.device_get(state.params["vq"])
-    stats = vqgan_stats(cfg, params, images[: min(len(images), 512)], mesh, rules)
+    stats = vqgan_stats(cfg, params, images[: min(len(images), 512)], mesh, rules, policy)
     log.info("vqgan: %d steps, reconstruction PSNR %.2f dB, %d/%d codes used (perplexity "
              "%.1f) on %d pretrain images", tc.steps, stats["psnr"], stats["codes_used"],
              n_codes, stats["perplexity"], stats["n"])
     return params
 
 
-def _encode_decode_fn(cfg: vq.VQGANConfig, mesh: Mesh, param_sh: PyTree):
-    model = vq.VQModel(cfg)
+def _encode_decode_fn(cfg: vq.VQGANConfig, mesh: Mesh, param_sh: PyTree, policy: dict):
+    model = vq.VQModel(cfg, **policy)
 
     def run(p, x_u8):
         x = to_unit_range(x_u8)
         z_q, idx = model.apply({"params": p}, x, method=vq.VQModel.encode)
-        rec = model.apply({"params": p}, z_q, method=vq.VQModel.decode)
+        rec = model.apply({"params": p}, z_q, method=vq.VQModel.decode).astype(jnp.float32)
         return idx, jnp.mean((x - rec) ** 2, axis=(1, 2, 3))
 
     return jax.jit(run, in_shardings=(param_sh, batch_sharding(mesh, 4)),
@@ -162,12 +179,12 @@ def _encode_decode_fn(cfg: vq.VQGANConfig, mesh: Mesh, param_sh: PyTree):
 
 
 def _encode(cfg: vq.VQGANConfig, params: PyTree, images: np.ndarray, mesh: Mesh,
-            batch_size: int, rules: Rules) -> tuple[np.ndarray, np.ndarray]:
+            batch_size: int, rules: Rules, policy: dict) -> tuple[np.ndarray, np.ndarray]:
     """(tokens int32[N,(H/f)^2], reconstruction MSE f32[N]) on the host."""
     images = np.asarray(images)
     vq.check_image_size(cfg, images.shape, "encode_tokens: images")
-    p = place_params(params, mesh, rules)
-    fn = _encode_decode_fn(cfg, mesh, jax.tree.map(lambda x: x.sharding, p))
+    p = place_params(cast_params(params, policy["param_dtype"]), mesh, rules)
+    fn = _encode_decode_fn(cfg, mesh, jax.tree.map(lambda x: x.sharding, p), policy)
     bs = round_batch(batch_size, mesh)
     side = images.shape[1] // cfg.downsample_factor
     toks, mses = batched_apply(fn, p, (images,), bs, mesh,
@@ -177,17 +194,18 @@ def _encode(cfg: vq.VQGANConfig, params: PyTree, images: np.ndarray, mesh: Mesh,
 
 
 def encode_tokens(cfg: vq.VQGANConfig, params: PyTree, images: np.ndarray, mesh: Mesh,
-                  batch_size: int = 256, rules: Rules = DEFAULT_RULES) -> np.ndarray:
+                  batch_size: int = 256, rules: Rules = DEFAULT_RULES,
+                  policy: dict = FLOAT32) -> np.ndarray:
     """uint8[N,H,W,3] -> image tokens int32[N, (H/f)^2] (host), jitted and sharded over the
     mesh's data axis in fixed-size batches. DataError if the VQGAN cannot tokenise the size."""
-    return _encode(cfg, params, images, mesh, batch_size, rules)[0]
+    return _encode(cfg, params, images, mesh, batch_size, rules, policy)[0]
 
 
 def vqgan_stats(cfg: vq.VQGANConfig, params: PyTree, images: np.ndarray, mesh: Mesh,
-                rules: Rules = DEFAULT_RULES) -> dict:
+                rules: Rules = DEFAULT_RULES, policy: dict = FLOAT32) -> dict:
     """Reconstruction PSNR (dB, images in [-1,1], from the mean MSE), codes used and code
     perplexity over ``images`` uint8[N,H,W,3]."""
-    tokens, mse = _encode(cfg, params, images, mesh, 256, rules)
+    tokens, mse = _encode(cfg, params, images, mesh, 256, rules, policy)
     counts = np.bincount(tokens.reshape(-1), minlength=cfg.n_embed)
     probs = counts / max(counts.sum(), 1)
     nz = probs[probs > 0]
@@ -201,20 +219,20 @@ def vqgan_stats(cfg: vq.VQGANConfig, params: PyTree, images: np.ndarray, mesh: M
 
 def token_nll(cfg: db.DalleBartConfig, params: PyTree, input_ids: jax.Array,
               attention_mask: jax.Array, image_tokens: jax.Array, *,
-              dropout_rng: jax.Array | None = None) -> jax.Array:
+              dropout_rng: jax.Array | None = None, policy: dict = FLOAT32) -> jax.Array:
     """Teacher-forced negative log-likelihood per example, f32[B] (mean over the
     image_length positions) of image tokens int32[B,image_length] given text int32[B,S].
 
     The decoder reads ``decoder_start, t_0 .. t_{n-2}`` and predicts ``t_0 .. t_{n-1}`` (dalle-
     mini's shift-right). Dropout runs when ``dropout_rng`` is given. Used for training and as
-    the white-box reference signal.
+    the white-box reference signal. ``policy``: the model's precision (the NLL is float32).
     """
     b = image_tokens.shape[0]
     start = jnp.full((b, 1), cfg.decoder_start_token_id, jnp.int32)
     dec_in = jnp.concatenate([start, image_tokens[:, :-1].astype(jnp.int32)], axis=1)
     det = dropout_rng is None
     rngs = {} if det else {"dropout": dropout_rng}
-    logits = db.DalleBart(cfg, deterministic=det).apply(
+    logits = db.DalleBart(cfg, deterministic=det, **policy).apply(
         {"params": params}, input_ids, attention_mask, dec_in, rngs=rngs)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, image_tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
@@ -249,7 +267,8 @@ def check_dalle_data(cfg: db.DalleBartConfig, text_ids: np.ndarray, text_mask: n
 def train_dallebart(cfg: db.DalleBartConfig, text_ids: np.ndarray, text_mask: np.ndarray,
                     image_tokens: np.ndarray, uncond_ids: np.ndarray, uncond_mask: np.ndarray,
                     tc: TrainConfig, *, caption_dropout: float, seed: int, mesh: Mesh,
-                    ckpt_dir: str | None, rules: Rules = DEFAULT_RULES) -> PyTree:
+                    ckpt_dir: str | None, rules: Rules = DEFAULT_RULES,
+                    policy: dict = FLOAT32) -> PyTree:
     """Trains DalleBart with teacher-forced cross-entropy on a model's members.
 
     Args:
@@ -274,7 +293,8 @@ def train_dallebart(cfg: db.DalleBartConfig, text_ids: np.ndarray, text_mask: np
     image_tokens = np.asarray(image_tokens, np.int32)
     bs = round_batch(tc.batch_size, mesh)
     k0, k1 = jax.random.split(jax.random.PRNGKey(seed))
-    params = init_sharded(lambda k: db.init_dallebart(cfg, k), mesh, rules, k0)
+    pdt = policy["param_dtype"]
+    params = init_sharded(lambda k: cast_params(db.init_dallebart(cfg, k), pdt), mesh, rules, k0)
     tx = make_optimizer(tc)
     u_ids_j, u_mask_j = jnp.asarray(u_ids), jnp.asarray(u_mask)
     use_dropout = cfg.dropout > 0 or cfg.attention_dropout > 0 or cfg.activation_dropout > 0
@@ -286,7 +306,7 @@ def train_dallebart(cfg: db.DalleBartConfig, text_ids: np.ndarray, text_mask: np
         ids = jnp.where(drop, u_ids_j[None], batch["ids"])
         mask = jnp.where(drop, u_mask_j[None], batch["mask"])
         nll = token_nll(cfg, p, ids, mask, batch["tokens"],
-                        dropout_rng=kdrop if use_dropout else None)
+                        dropout_rng=kdrop if use_dropout else None, policy=policy)
         return jnp.mean(nll), {}
 
     index = epoch_batches(len(image_tokens), bs, seed)

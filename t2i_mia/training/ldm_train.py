@@ -20,12 +20,20 @@ import optax
 from jax.sharding import Mesh
 
 from t2i_mia.config import TrainConfig
-from t2i_mia.models import autoencoder_kl, schedulers, unet as unet_lib
+from t2i_mia.models import autoencoder_kl, schedulers
+from t2i_mia.models import unet as unet_lib
 from t2i_mia.models.clip import CLIPTextConfig, CLIPTextModel
+from t2i_mia.models.precision import FLOAT32, cast_params
 from t2i_mia.parallel.batching import batched_apply, round_batch
 from t2i_mia.parallel.mesh import DEFAULT_RULES, Rules, init_sharded, place_params
-from t2i_mia.training.loop import (create_train_state, epoch_batches, jit_train_step,
-                                   make_train_step, run_training, train_with_config)
+from t2i_mia.training.loop import (
+    create_train_state,
+    epoch_batches,
+    jit_train_step,
+    make_train_step,
+    run_training,
+    train_with_config,
+)
 
 log = logging.getLogger(__name__)
 PyTree = Any
@@ -48,23 +56,25 @@ def to_unit_range(images_u8: jax.Array) -> jax.Array:
 
 def train_autoencoder(cfg: autoencoder_kl.AutoencoderKLConfig, images: np.ndarray,
                       tc: TrainConfig, *, kl_weight: float, seed: int, mesh: Mesh,
-                      ckpt_dir: str | None, rules: Rules = DEFAULT_RULES
+                      ckpt_dir: str | None, rules: Rules = DEFAULT_RULES,
+                      policy: dict = FLOAT32
                       ) -> tuple[autoencoder_kl.AutoencoderKLConfig, PyTree]:
     """Trains the KL autoencoder on uint8[N,H,W,3] images (the ``pretrain`` split).
 
     Returns the config with ``scaling_factor`` set to 1/std of the trained latents (as Stable
-    Diffusion chose its 0.18215) and the parameters.
+    Diffusion chose its 0.18215) and the parameters (in ``policy``'s ``param_dtype``).
     """
     bs = round_batch(tc.batch_size, mesh)
     tx = make_optimizer(tc)
-    params = init_sharded(lambda k: autoencoder_kl.init_params(cfg, k), mesh, rules,
-                          jax.random.PRNGKey(seed))
+    pdt = policy["param_dtype"]
+    params = init_sharded(lambda k: cast_params(autoencoder_kl.init_params(cfg, k), pdt), mesh,
+                          rules, jax.random.PRNGKey(seed))
     state = create_train_state(params, tx, jax.random.PRNGKey(seed + 1), ema=False, mesh=mesh,
                                rules=rules)
 
     def loss_fn(p, batch, rng):
         return autoencoder_kl.vae_loss(cfg, p, to_unit_range(batch["image"]), rng,
-                                       recon_loss="l1", kl_weight=kl_weight)
+                                       recon_loss="l1", kl_weight=kl_weight, policy=policy)
 
     index = epoch_batches(len(images), bs, seed)
     batch_fn = lambda step: {"image": images[index(step)]}  # noqa: E731
@@ -74,7 +84,7 @@ def train_autoencoder(cfg: autoencoder_kl.AutoencoderKLConfig, images: np.ndarra
                             desc="autoencoder")
     params = jax.device_get(state.params)
     lat = encode_latents(cfg, params, images[: min(len(images), 512)], mesh, scale=1.0,
-                         rules=rules)
+                         rules=rules, policy=policy)
     std = float(np.std(lat))
     cfg = dataclasses.replace(cfg, scaling_factor=float(1.0 / max(std, 1e-6)))
     log.info("autoencoder: latent std %.4f -> scaling_factor %.4f", std, cfg.scaling_factor)
@@ -83,11 +93,11 @@ def train_autoencoder(cfg: autoencoder_kl.AutoencoderKLConfig, images: np.ndarra
 
 def encode_latents(cfg: autoencoder_kl.AutoencoderKLConfig, params: PyTree, images: np.ndarray,
                    mesh: Mesh, scale: float | None = None, batch_size: int = 256,
-                   rules: Rules = DEFAULT_RULES) -> np.ndarray:
+                   rules: Rules = DEFAULT_RULES, policy: dict = FLOAT32) -> np.ndarray:
     """uint8[N,H,W,3] -> posterior means * scaling_factor, f32[N,h,w,C] (host); the
-    parameters split over the mesh by ``rules``."""
+    parameters split over the mesh by ``rules``, computed with the precision ``policy``."""
     scale = cfg.scaling_factor if scale is None else scale
-    model = autoencoder_kl.AutoencoderKL(cfg)
+    model = autoencoder_kl.AutoencoderKL(cfg, **policy)
     bs = round_batch(batch_size, mesh)
 
     @jax.jit
@@ -95,7 +105,8 @@ def encode_latents(cfg: autoencoder_kl.AutoencoderKLConfig, params: PyTree, imag
         mean, _ = model.apply({"params": p}, to_unit_range(x), method="encode")
         return mean * scale
 
-    return batched_apply(enc, place_params(params, mesh, rules), (np.asarray(images),), bs, mesh)
+    params = place_params(cast_params(params, policy["param_dtype"]), mesh, rules)
+    return batched_apply(enc, params, (np.asarray(images),), bs, mesh)
 
 
 def init_text_encoder(cfg: CLIPTextConfig, seed: int | jax.Array, max_length: int) -> PyTree:
@@ -107,18 +118,19 @@ def init_text_encoder(cfg: CLIPTextConfig, seed: int | jax.Array, max_length: in
 
 def diffusion_loss(unet_cfg: unet_lib.UNet2DConditionConfig, text_cfg: CLIPTextConfig,
                    sched_cfg: schedulers.SchedulerConfig, params: PyTree, latents: jax.Array,
-                   ids: jax.Array, mask: jax.Array, t: jax.Array, noise: jax.Array
-                   ) -> jax.Array:
+                   ids: jax.Array, mask: jax.Array, t: jax.Array, noise: jax.Array,
+                   policy: dict = FLOAT32) -> jax.Array:
     """Per-example DDPM loss f32[B]: || eps_theta(x_t, t, c) - target ||^2 averaged.
 
     ``target`` is the noise (epsilon prediction) or the velocity (v-prediction), per the
-    scheduler config. Used for training and as the white-box reference signal.
+    scheduler config. Used for training and as the white-box reference signal. ``policy``:
+    the models' precision (the loss itself is float32).
     """
     ac = schedulers.alphas_cumprod(sched_cfg)
     noisy = schedulers.add_noise(ac, latents, noise, t)
-    ctx, _ = CLIPTextModel(text_cfg).apply({"params": params["text"]}, ids, mask)
-    pred = unet_lib.UNet2DConditionModel(unet_cfg).apply({"params": params["unet"]}, noisy, t,
-                                                         ctx)
+    ctx, _ = CLIPTextModel(text_cfg, **policy).apply({"params": params["text"]}, ids, mask)
+    pred = unet_lib.UNet2DConditionModel(unet_cfg, **policy).apply(
+        {"params": params["unet"]}, noisy, t, ctx)
     target = schedulers.training_target(sched_cfg, ac, latents, noise, t)
     return jnp.mean(jnp.square(pred - target), axis=(1, 2, 3))
 
@@ -140,7 +152,8 @@ def sample_timesteps(key: jax.Array, n: int, num_train_timesteps: int,
 def ldm_loss(unet_cfg: unet_lib.UNet2DConditionConfig, text_cfg: CLIPTextConfig,
              sched_cfg: schedulers.SchedulerConfig, params: PyTree, batch: dict,
              rng: jax.Array, *, uncond_ids: jax.Array, uncond_mask: jax.Array,
-             caption_dropout: float, timestep_power: float = 1.0) -> tuple[jax.Array, dict]:
+             caption_dropout: float, timestep_power: float = 1.0,
+             policy: dict = FLOAT32) -> tuple[jax.Array, dict]:
     """The LDM training loss (scalar f32, no metrics): :func:`diffusion_loss` at timesteps
     from :func:`sample_timesteps`, with each caption replaced by the empty one
     (``uncond_ids``/``uncond_mask`` int32[L]) with probability ``caption_dropout``.
@@ -156,7 +169,7 @@ def ldm_loss(unet_cfg: unet_lib.UNet2DConditionConfig, text_cfg: CLIPTextConfig,
     cids = jnp.where(drop, uncond_ids[None], batch["ids"])
     cmask = jnp.where(drop, uncond_mask[None], batch["mask"])
     per_ex = diffusion_loss(unet_cfg, text_cfg, sched_cfg, params, batch["latents"], cids,
-                            cmask, t, noise)
+                            cmask, t, noise, policy)
     return jnp.mean(per_ex.astype(jnp.float32)), {}
 
 
@@ -166,7 +179,7 @@ def train_ldm(unet_cfg: unet_lib.UNet2DConditionConfig, text_cfg: CLIPTextConfig
               tc: TrainConfig, *, caption_dropout: float, seed: int, mesh: Mesh,
               ckpt_dir: str | None, text_params: PyTree | None = None,
               train_text: bool = True, timestep_power: float = 1.0,
-              rules: Rules = DEFAULT_RULES) -> PyTree:
+              rules: Rules = DEFAULT_RULES, policy: dict = FLOAT32) -> PyTree:
     """Trains U-Net (+ text encoder) on a model's members.
 
     Args:
@@ -177,16 +190,18 @@ def train_ldm(unet_cfg: unet_lib.UNet2DConditionConfig, text_cfg: CLIPTextConfig
       text_params: a pretrained text encoder (kept frozen unless ``train_text``).
       timestep_power: p of :func:`sample_timesteps` (1 = uniform).
       rules: how the ``model`` axis splits the parameters (and so the training state).
+      policy: the precision (``dtype``, ``param_dtype``; :mod:`t2i_mia.models.precision`).
     Returns: ``{"unet": ..., "text": ...}`` (the EMA parameters when EMA is on).
     """
     bs = round_batch(tc.batch_size, mesh)
     k0, k1 = jax.random.split(jax.random.PRNGKey(seed))
     length = ids.shape[1]
-    params = {"unet": init_sharded(lambda k: unet_lib.init_params(unet_cfg, k, length), mesh,
-                                   rules, k0),
-              "text": text_params if text_params is not None else init_sharded(
-                  lambda k: init_text_encoder(text_cfg, k, length), mesh, rules,
-                  jax.random.PRNGKey(seed + 7))}
+    pdt = policy["param_dtype"]
+    params = {"unet": init_sharded(lambda k: cast_params(unet_lib.init_params(unet_cfg, k, length),
+                                                         pdt), mesh, rules, k0),
+              "text": cast_params(text_params, pdt) if text_params is not None else init_sharded(
+                  lambda k: cast_params(init_text_encoder(text_cfg, k, length), pdt), mesh,
+                  rules, jax.random.PRNGKey(seed + 7))}
     tx = make_optimizer(tc)
     if not train_text:
         tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
@@ -194,7 +209,8 @@ def train_ldm(unet_cfg: unet_lib.UNet2DConditionConfig, text_cfg: CLIPTextConfig
     loss_fn = functools.partial(ldm_loss, unet_cfg, text_cfg, sched_cfg,
                                 uncond_ids=jnp.asarray(uncond_ids),
                                 uncond_mask=jnp.asarray(uncond_mask),
-                                caption_dropout=caption_dropout, timestep_power=timestep_power)
+                                caption_dropout=caption_dropout, timestep_power=timestep_power,
+                                policy=policy)
     index = epoch_batches(len(latents), bs, seed)
 
     def batch_fn(step):
