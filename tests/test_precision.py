@@ -14,18 +14,12 @@ from t2i_mia.config import get_config, load_config
 from t2i_mia.errors import ConfigError
 from t2i_mia.models import autoencoder_kl, dallebart as db, schedulers, unet as unet_lib
 from t2i_mia.models import vqgan as vq
-from t2i_mia.models.clip import CLIPConfig, CLIPModel, CLIPTextConfig, init_clip
+from t2i_mia.models.clip import CLIPConfig, CLIPModel, init_clip
 from t2i_mia.models.precision import FLOAT32, cast_params, policy_of, policy_tag
 from t2i_mia.training.ldm_train import init_text_encoder, ldm_loss
+from test_sharding import TEXT, UNET  # a U-Net and text encoder that compile in seconds
 
 BF16 = {"dtype": jnp.bfloat16, "param_dtype": jnp.float32}
-UNET = unet_lib.UNet2DConditionConfig(
-    sample_size=4, in_channels=4, out_channels=4,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), block_out_channels=(32, 64),
-    layers_per_block=1, attention_head_dim=4, cross_attention_dim=32)
-TEXT = CLIPTextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, max_position_embeddings=8, projection_dim=32)
 
 
 def heavy_ops(fn, *args) -> collections.Counter:

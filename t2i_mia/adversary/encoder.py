@@ -18,14 +18,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from t2i_mia.errors import CheckpointError
-from t2i_mia.models.clip import (
-    CLIP_MEAN,
-    CLIP_STD,
-    CLIPConfig,
-    CLIPModel,
-    load_clip,
-    save_clip,
-)
+from t2i_mia.models.clip import CLIP_MEAN, CLIP_STD, CLIPConfig, CLIPModel, load_clip, save_clip
 from t2i_mia.models.precision import FLOAT32, cast_params, policy_tag
 from t2i_mia.models.tokenizer import TextTokenizer
 from t2i_mia.parallel.batching import batched_apply, round_batch

@@ -51,15 +51,8 @@ import t2i_mia
 from t2i_mia.adversary import metrics as M
 from t2i_mia.adversary.captioner import RetrievalCaptioner
 from t2i_mia.adversary.encoder import load_encoder, train_or_load_encoder
-from t2i_mia.adversary.evaluation import (
-    FeatureSets,
-    blind_scores,
-    calibrate,
-    evaluate_scores,
-    query_features,
-    score_attacks,
-    white_box_entry,
-)
+from t2i_mia.adversary.evaluation import (FeatureSets, blind_scores, calibrate, evaluate_scores,
+                                          query_features, score_attacks, white_box_entry)
 from t2i_mia.adversary.features import attack_features
 from t2i_mia.config import Config
 from t2i_mia.data.member_sets import explicit_manifest, read_member_sets

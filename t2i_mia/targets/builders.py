@@ -30,11 +30,7 @@ from t2i_mia.models.ldm import load_stable_diffusion
 from t2i_mia.models.precision import policy_of
 from t2i_mia.parallel.mesh import config_rules
 from t2i_mia.targets import factory
-from t2i_mia.targets.dalle_mini import (
-    DalleMiniTarget,
-    check_components,
-    load_dalle_mini,
-)
+from t2i_mia.targets.dalle_mini import DalleMiniTarget, check_components, load_dalle_mini
 from t2i_mia.targets.external import load_model
 from t2i_mia.targets.factory import ModelCache, ids_hash, model_info, model_members
 from t2i_mia.targets.generations import GenerationsTarget

@@ -48,10 +48,7 @@ from t2i_mia.parallel.batching import batched_apply, round_batch
 from t2i_mia.parallel.mesh import DEFAULT_RULES, Rules, batch_sharding, place_params
 from t2i_mia.targets.ldm import to_uint8
 from t2i_mia.targets.protocol import image_keys
-from t2i_mia.training.dalle_train import (
-    encode_tokens,
-    token_nll,
-)
+from t2i_mia.training.dalle_train import encode_tokens, token_nll
 
 log = logging.getLogger(__name__)
 PyTree = Any

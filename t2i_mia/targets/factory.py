@@ -27,29 +27,14 @@ from t2i_mia.models import dallebart as db
 from t2i_mia.models import unet as unet_lib
 from t2i_mia.models import vqgan as vq
 from t2i_mia.models.clip import CLIPTextConfig
-from t2i_mia.models.ldm import (
-    LDMComponents,
-    load_stable_diffusion,
-    save_stable_diffusion,
-)
+from t2i_mia.models.ldm import LDMComponents, load_stable_diffusion, save_stable_diffusion
 from t2i_mia.models.precision import policy_of, policy_tag
 from t2i_mia.models.text_normalize import normalize_text
 from t2i_mia.models.tokenizer import TextTokenizer
 from t2i_mia.parallel.mesh import config_rules
-from t2i_mia.targets.dalle_mini import (
-    CAPTION_DROPOUT,
-    DalleMiniComponents,
-    empty_caption,
-    load_dalle_mini,
-    save_dalle_mini,
-    tokenize_captions,
-)
-from t2i_mia.training.dalle_train import (
-    encode_tokens,
-    train_dallebart,
-    train_vqgan,
-    vqgan_stats,
-)
+from t2i_mia.targets.dalle_mini import (CAPTION_DROPOUT, DalleMiniComponents, empty_caption,
+                                        load_dalle_mini, save_dalle_mini, tokenize_captions)
+from t2i_mia.training.dalle_train import encode_tokens, train_dallebart, train_vqgan, vqgan_stats
 from t2i_mia.training.ldm_train import encode_latents, train_autoencoder, train_ldm
 
 log = logging.getLogger(__name__)

@@ -31,13 +31,8 @@ from jax.sharding import Mesh
 
 from t2i_mia.config import TrainConfig
 from t2i_mia.errors import ConfigError, DataError
-from t2i_mia.models.clip import (
-    CLIPConfig,
-    CLIPModel,
-    clip_contrastive_loss,
-    init_clip,
-    preprocess_images,
-)
+from t2i_mia.models.clip import (CLIPConfig, CLIPModel, clip_contrastive_loss, init_clip,
+                                 preprocess_images)
 from t2i_mia.models.precision import FLOAT32, cast_params
 from t2i_mia.models.tokenizer import TextTokenizer
 from t2i_mia.parallel.mesh import DEFAULT_RULES, Rules, init_sharded, make_mesh

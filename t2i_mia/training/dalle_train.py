@@ -33,22 +33,10 @@ from t2i_mia.models import dallebart as db
 from t2i_mia.models import vqgan as vq
 from t2i_mia.models.precision import FLOAT32, cast_params
 from t2i_mia.parallel.batching import batched_apply, round_batch
-from t2i_mia.parallel.mesh import (
-    DEFAULT_RULES,
-    Rules,
-    batch_sharding,
-    init_sharded,
-    place_params,
-)
+from t2i_mia.parallel.mesh import DEFAULT_RULES, Rules, batch_sharding, init_sharded, place_params
 from t2i_mia.training.ldm_train import make_optimizer, to_unit_range
-from t2i_mia.training.loop import (
-    create_train_state,
-    epoch_batches,
-    jit_train_step,
-    make_train_step,
-    run_training,
-    train_with_config,
-)
+from t2i_mia.training.loop import (create_train_state, epoch_batches, jit_train_step,
+                                   make_train_step, run_training, train_with_config)
 
 log = logging.getLogger(__name__)
 PyTree = Any

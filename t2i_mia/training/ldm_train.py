@@ -26,14 +26,8 @@ from t2i_mia.models.clip import CLIPTextConfig, CLIPTextModel
 from t2i_mia.models.precision import FLOAT32, cast_params
 from t2i_mia.parallel.batching import batched_apply, round_batch
 from t2i_mia.parallel.mesh import DEFAULT_RULES, Rules, init_sharded, place_params
-from t2i_mia.training.loop import (
-    create_train_state,
-    epoch_batches,
-    jit_train_step,
-    make_train_step,
-    run_training,
-    train_with_config,
-)
+from t2i_mia.training.loop import (create_train_state, epoch_batches, jit_train_step,
+                                   make_train_step, run_training, train_with_config)
 
 log = logging.getLogger(__name__)
 PyTree = Any

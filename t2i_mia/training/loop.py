@@ -36,14 +36,8 @@ from tqdm.auto import tqdm
 from t2i_mia.checkpoint import latest_step, restore_checkpoint, save_checkpoint
 from t2i_mia.config import TrainConfig
 from t2i_mia.errors import ConfigError
-from t2i_mia.parallel.mesh import (
-    DEFAULT_RULES,
-    Rules,
-    batch_sharding,
-    param_shardings,
-    replicated,
-    shard_batch,
-)
+from t2i_mia.parallel.mesh import (DEFAULT_RULES, Rules, batch_sharding, param_shardings,
+                                   replicated, shard_batch)
 from t2i_mia.training.ema import ema_update
 
 PyTree = Any
