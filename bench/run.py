@@ -357,6 +357,7 @@ def bench_ddim(ctx: Ctx) -> Result:
     params = random_params(shapes, 0)  # float32 parameters; the models compute in ctx.dtype
     res.config["n_params"] = n_params(params)
     timesteps = jnp.asarray(schedulers.ddim_timesteps(sched, S))
+    acp = schedulers.alphas_cumprod(sched)
     scale = vae_cfg.scaling_factor
     u_ids = jnp.zeros((length,), jnp.int32)
     u_mask = jnp.zeros((length,), jnp.int32).at[:2].set(1)
@@ -386,7 +387,7 @@ def bench_ddim(ctx: Ctx) -> Result:
 
     def step(p, x, i, context2):  # one DDIM step (eta = 0): ddim_sample's loop body
         return schedulers.ddim_step(lambda x, t, c: eps_fn(p, x, t, c), sched, x, i, context2,
-                                    True, g, timesteps)
+                                    True, g, timesteps, acp=acp)
 
     rng = np.random.default_rng(0)
     ids = jnp.asarray(random_ids(rng, bs, length, text_cfg.vocab_size))

@@ -48,6 +48,7 @@ from flax import traverse_util
 
 from t2i_mia.errors import CheckpointError, ConfigError, DataError
 from t2i_mia.models import formats
+from t2i_mia.models.precision import module_policy
 
 PyTree = Any
 
@@ -254,10 +255,6 @@ def _normal(std):
     return jax.nn.initializers.normal(std)
 
 
-def _policy(owner: nn.Module) -> dict:
-    return {"dtype": owner.dtype, "param_dtype": owner.param_dtype}
-
-
 def _layer_norm(use_scale: bool, owner: nn.Module, name: str | None = None):
     """A LayerNorm with ``owner``'s precision policy; flax computes the statistics in
     float32 whatever the output dtype is."""
@@ -344,11 +341,11 @@ class EncoderLayer(nn.Module):
         c, det = self.config, self.deterministic
         h = _layer_norm(c.force_ln_scale, self, "LayerNorm_0")(x)
         h = Attention(c.encoder_attention_heads, c.d_model, c.attention_dropout, c.init_std,
-                      det, name="FlaxBartAttention_0", **_policy(self))(h, mask)
+                      det, name="FlaxBartAttention_0", **module_policy(self))(h, mask)
         h = _layer_norm(True, self, "LayerNorm_1")(h)
         x = x + nn.Dropout(c.dropout)(h, deterministic=det)
         return x + GLU(c, c.encoder_ffn_dim, det, name="GLU_0",
-                       **_policy(self))(x)
+                       **module_policy(self))(x)
 
 
 class DecoderLayer(nn.Module):
@@ -370,9 +367,9 @@ class DecoderLayer(nn.Module):
                           _layer_norm(s, self), _layer_norm(True, self)]
         attn = functools.partial(Attention, c.decoder_attention_heads, c.d_model,
                                  c.attention_dropout, c.init_std, det,
-                                 **_policy(self))
+                                 **module_policy(self))
         self.FlaxBartAttention = [attn(), attn()]
-        self.GLU = [GLU(c, c.decoder_ffn_dim, det, **_policy(self))]
+        self.GLU = [GLU(c, c.decoder_ffn_dim, det, **module_policy(self))]
         self.drop = nn.Dropout(c.dropout)
 
     def cross_kv(self, encoder_hidden_states):
@@ -429,7 +426,7 @@ class _EncoderLayers(nn.Module):
             layer = nn.remat(EncoderLayer)
         for i in range(self.config.encoder_layers):
             x = layer(self.config, self.deterministic, name=f"FlaxBartEncoderLayer_{i}",
-                      **_policy(self))(x, mask)
+                      **module_policy(self))(x, mask)
         return x
 
 
@@ -443,7 +440,7 @@ class _DecoderLayers(nn.Module):
         layer = DecoderLayer
         if self.config.gradient_checkpointing and not self.deterministic:
             layer = nn.remat(DecoderLayer)
-        self.FlaxBartDecoderLayer = [layer(self.config, self.deterministic, **_policy(self))
+        self.FlaxBartDecoderLayer = [layer(self.config, self.deterministic, **module_policy(self))
                                      for _ in range(self.config.decoder_layers)]
 
 
@@ -472,7 +469,7 @@ class Encoder(nn.Module):
         x = _layer_norm(True, self, "layernorm_embedding")(x)
         x = nn.Dropout(c.dropout)(x, deterministic=self.deterministic)
         mask = (attention_mask > 0)[:, None, None, :]
-        x = _EncoderLayers(c, self.deterministic, name="layers", **_policy(self))(x, mask)
+        x = _EncoderLayers(c, self.deterministic, name="layers", **module_policy(self))(x, mask)
         return _layer_norm(c.force_ln_scale, self, "final_ln")(x)
 
 
@@ -492,7 +489,7 @@ class Decoder(nn.Module):
         self.embed_tokens = embed(c.decoder_vocab_size)
         self.embed_positions = embed(c.image_length)
         self.layernorm_embedding = _layer_norm(True, self)
-        self.layers = _DecoderLayers(c, self.deterministic, **_policy(self))
+        self.layers = _DecoderLayers(c, self.deterministic, **module_policy(self))
         self.final_ln = _layer_norm(c.force_ln_scale, self)
         self.drop = nn.Dropout(c.dropout)
 
@@ -547,8 +544,8 @@ class _BartModule(nn.Module):
     param_dtype: Any = jnp.float32
 
     def setup(self):
-        self.encoder = Encoder(self.config, self.deterministic, **_policy(self))
-        self.decoder = Decoder(self.config, self.deterministic, **_policy(self))
+        self.encoder = Encoder(self.config, self.deterministic, **module_policy(self))
+        self.decoder = Decoder(self.config, self.deterministic, **module_policy(self))
 
 
 class DalleBart(nn.Module):
@@ -567,7 +564,7 @@ class DalleBart(nn.Module):
     deterministic: bool = True
 
     def setup(self):
-        self.model = _BartModule(self.config, self.deterministic, **_policy(self))
+        self.model = _BartModule(self.config, self.deterministic, **module_policy(self))
         self.lm_head = nn.Dense(self.config.decoder_vocab_size, use_bias=False,
                                 dtype=self.dtype, param_dtype=self.param_dtype,
                                 kernel_init=_normal(self.config.init_std))

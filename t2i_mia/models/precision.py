@@ -39,6 +39,12 @@ def policy_of(cfg) -> dict:
 FLOAT32 = {"dtype": jnp.float32, "param_dtype": jnp.float32}
 
 
+def module_policy(owner: nn.Module) -> dict:
+    """``{"dtype": ..., "param_dtype": ...}`` of a module that has the two fields: what it
+    passes on to its sub-layers."""
+    return {"dtype": owner.dtype, "param_dtype": owner.param_dtype}
+
+
 def policy_tag(policy: dict) -> tuple:
     """What a model cache key adds for ``policy``: nothing for float32 (keys made before
     the policy existed stay valid), else the two dtype names."""
@@ -66,7 +72,7 @@ class Typed(nn.Module):
 
     @property
     def policy(self) -> dict:
-        return {"dtype": self.dtype, "param_dtype": self.param_dtype}
+        return module_policy(self)
 
     def dense(self, features: int, name: str | None = None, **kw) -> nn.Dense:
         return nn.Dense(features, name=name, **self.policy, **kw)

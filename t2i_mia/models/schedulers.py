@@ -195,14 +195,16 @@ EpsFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 def ddim_step(eps_fn: EpsFn, cfg: SchedulerConfig, x: jax.Array, i: jax.Array | int,
               context: jax.Array, guided: bool, guidance_scale: float | jax.Array,
               timesteps: jax.Array, eta: float | jax.Array = 0.0,
-              noise_keys: jax.Array | None = None) -> jax.Array:
+              noise_keys: jax.Array | None = None,
+              acp: jax.Array | None = None) -> jax.Array:
     """One DDIM step x_{t_i} -> x_{t_{i+1}}: the body of :func:`ddim_sample`'s loop.
 
     ``context`` is f32[B,L,D], or with ``guided`` f32[2B,L,D] = [uncond; cond] (the model
     then runs once on [x; x]). ``i`` indexes ``timesteps`` int32[S] and may be traced; the
-    other arguments are as in :func:`ddim_sample`.
+    other arguments are as in :func:`ddim_sample`. ``acp``: :func:`alphas_cumprod` of
+    ``cfg``, computed once by a caller that loops (None: computed here).
     """
-    acp = alphas_cumprod(cfg)
+    acp = alphas_cumprod(cfg) if acp is None else acp
     final_acp = jnp.float32(1.0) if cfg.set_alpha_to_one else acp[0]
     stride = cfg.num_train_timesteps // timesteps.shape[0]
     B = x.shape[0]
@@ -265,9 +267,10 @@ def ddim_sample(eps_fn: EpsFn, cfg: SchedulerConfig, latents: jax.Array, cond: j
     timesteps = jnp.asarray(timesteps, jnp.int32)
     S = timesteps.shape[0]
     context = cond if uncond is None else jnp.concatenate([uncond, cond], axis=0)
+    acp = alphas_cumprod(cfg)  # once, outside the loop
 
     def body(i, x):
         return ddim_step(eps_fn, cfg, x, i, context, uncond is not None, guidance_scale,
-                         timesteps, eta, noise_keys)
+                         timesteps, eta, noise_keys, acp)
 
     return jax.lax.fori_loop(0, S, body, latents)

@@ -249,11 +249,8 @@ class _Typed(Typed):
     def conv1(self, features: int, name: str) -> nn.Conv:
         return self.conv(features, (1, 1), name, strides=(1, 1), padding="VALID")
 
-    def group_norm(self, name: str, epsilon: float = 1e-5) -> nn.GroupNorm:
-        return super().group_norm(GROUPS, name, epsilon)
-
-    def layer_norm(self, name: str) -> nn.LayerNorm:
-        return super().layer_norm(name, 1e-5)
+    def norm(self, name: str, epsilon: float = 1e-5) -> nn.GroupNorm:
+        return self.group_norm(GROUPS, name, epsilon)
 
 
 def timestep_embedding(timesteps: jax.Array, dim: int, flip_sin_to_cos: bool,
@@ -275,11 +272,11 @@ class ResnetBlock(_Typed):
 
     @nn.compact
     def __call__(self, x, temb, deterministic: bool):
-        h = self.group_norm("norm1")(x)
+        h = self.norm("norm1")(x)
         h = self.conv3(self.out_channels, "conv1")(nn.swish(h))
         t = self.dense(self.out_channels, "time_emb_proj")(nn.swish(temb))
         h = h + t[:, None, None, :]
-        h = self.group_norm("norm2")(h)
+        h = self.norm("norm2")(h)
         h = nn.Dropout(self.dropout)(nn.swish(h), deterministic=deterministic)
         h = self.conv3(self.out_channels, "conv2")(h)
         if x.shape[-1] != self.out_channels:
@@ -375,7 +372,7 @@ class Transformer2D(_Typed):
         inner = self.channels  # heads * (channels // heads)
         proj = (lambda name: self.dense(inner, name)) if self.use_linear_projection else (
             lambda name: self.conv1(inner, name))
-        h = self.group_norm("norm", self.norm_eps)(x)
+        h = self.norm("norm", self.norm_eps)(x)
         if self.use_linear_projection:
             h = proj("proj_in")(h.reshape(b, hgt * wid, c))
         else:

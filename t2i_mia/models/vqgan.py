@@ -40,6 +40,7 @@ import numpy as np
 
 from t2i_mia.errors import ConfigError, DataError
 from t2i_mia.models import formats
+from t2i_mia.models.precision import module_policy
 
 PyTree = Any
 
@@ -139,22 +140,17 @@ def _validate_vqgan(c: VQGANConfig) -> None:
 
 # ----------------------------------------------------------------------------- modules
 
-def _policy(owner: nn.Module) -> dict:
-    """The precision policy of ``owner`` (its ``dtype`` and ``param_dtype``)."""
-    return {"dtype": owner.dtype, "param_dtype": owner.param_dtype}
-
-
 def _conv(features: int, k: int, name: str, owner: nn.Module, stride: int = 1,
           padding="SAME_1"):
     if padding == "SAME_1":
         padding = ((k // 2, k // 2), (k // 2, k // 2))
     return nn.Conv(features, (k, k), strides=(stride, stride), padding=padding, name=name,
-                   **_policy(owner))
+                   **module_policy(owner))
 
 
 def _norm(name: str, owner: nn.Module):
     # float32 statistics (flax's rule), output in the owner's dtype
-    return nn.GroupNorm(num_groups=_GROUPS, epsilon=1e-6, name=name, **_policy(owner))
+    return nn.GroupNorm(num_groups=_GROUPS, epsilon=1e-6, name=name, **module_policy(owner))
 
 
 class ResnetBlock(nn.Module):
@@ -233,13 +229,13 @@ class _Level(nn.Module):
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
         for i in range(self.n_blocks):
-            x = ResnetBlock(self.out_channels, self.dropout, name=f"block_{i}", **_policy(self))(
-                x, deterministic)
+            x = ResnetBlock(self.out_channels, self.dropout, name=f"block_{i}",
+                            **module_policy(self))(x, deterministic)
             if self.use_attn:
-                x = AttnBlock(name=f"attn_{i}", **_policy(self))(x)
+                x = AttnBlock(name=f"attn_{i}", **module_policy(self))(x)
         if self.resample is not None:
             x = _Resample(self.out_channels, self.resample == "upsample", self.with_conv,
-                          name=self.resample, **_policy(self))(x)
+                          name=self.resample, **module_policy(self))(x)
         return x
 
 
@@ -251,10 +247,10 @@ class _Mid(nn.Module):
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
-        x = ResnetBlock(self.channels, self.dropout, name="block_1", **_policy(self))(
+        x = ResnetBlock(self.channels, self.dropout, name="block_1", **module_policy(self))(
             x, deterministic)
-        x = AttnBlock(name="attn_1", **_policy(self))(x)
-        return ResnetBlock(self.channels, self.dropout, name="block_2", **_policy(self))(
+        x = AttnBlock(name="attn_1", **module_policy(self))(x)
+        return ResnetBlock(self.channels, self.dropout, name="block_2", **module_policy(self))(
             x, deterministic)
 
 
@@ -274,10 +270,11 @@ class Encoder(nn.Module):
             last = i == c.num_resolutions - 1
             x = _Level(c.ch * mult, c.num_res_blocks, res in c.attn_resolutions,
                        None if last else "downsample", c.resamp_with_conv, c.dropout,
-                       name=f"down_{i}", **_policy(self))(x, deterministic)
+                       name=f"down_{i}", **module_policy(self))(x, deterministic)
             if not last:
                 res //= 2
-        x = _Mid(c.ch * c.ch_mult[-1], c.dropout, name="mid", **_policy(self))(x, deterministic)
+        x = _Mid(c.ch * c.ch_mult[-1], c.dropout, name="mid", **module_policy(self))(
+            x, deterministic)
         x = nn.swish(_norm("norm_out", self)(x))
         return _conv(2 * c.z_channels if c.double_z else c.z_channels, 3, "conv_out",
                      self)(x)
@@ -294,12 +291,13 @@ class Decoder(nn.Module):
     def __call__(self, z, deterministic: bool = True):
         c = self.config
         x = _conv(c.ch * c.ch_mult[-1], 3, "conv_in", self)(z)
-        x = _Mid(c.ch * c.ch_mult[-1], c.dropout, name="mid", **_policy(self))(x, deterministic)
+        x = _Mid(c.ch * c.ch_mult[-1], c.dropout, name="mid", **module_policy(self))(
+            x, deterministic)
         res = c.resolution // c.downsample_factor
         for i in reversed(range(c.num_resolutions)):
             x = _Level(c.ch * c.ch_mult[i], c.num_res_blocks + 1, res in c.attn_resolutions,
                        "upsample" if i != 0 else None, c.resamp_with_conv, c.dropout,
-                       name=f"up_{i}", **_policy(self))(x, deterministic)
+                       name=f"up_{i}", **module_policy(self))(x, deterministic)
             if i != 0:
                 res *= 2
         x = nn.swish(_norm("norm_out", self)(x))
@@ -373,11 +371,11 @@ class VQModel(nn.Module):
 
     def setup(self):
         c = self.config
-        self.encoder = Encoder(c, **_policy(self))
-        self.decoder = Decoder(c, **_policy(self))
+        self.encoder = Encoder(c, **module_policy(self))
+        self.decoder = Decoder(c, **module_policy(self))
         self.quantize = VectorQuantizer(c.n_embed, c.embed_dim)
-        self.quant_conv = nn.Conv(c.embed_dim, (1, 1), padding="VALID", **_policy(self))
-        self.post_quant_conv = nn.Conv(c.z_channels, (1, 1), padding="VALID", **_policy(self))
+        self.quant_conv = nn.Conv(c.embed_dim, (1, 1), padding="VALID", **module_policy(self))
+        self.post_quant_conv = nn.Conv(c.z_channels, (1, 1), padding="VALID", **module_policy(self))
 
     def encode_latents(self, pixel_values, deterministic: bool = True):
         """f32[B,H,W,C] in [-1,1] -> continuous latents z_e f32[B,h,w,embed_dim]."""
