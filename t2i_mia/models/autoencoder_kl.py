@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from t2i_mia.errors import ConfigError
 from t2i_mia.models import formats
+from t2i_mia.models.norms import GroupNorm
 from t2i_mia.models.precision import Typed
 
 PyTree = Any
@@ -162,7 +163,7 @@ class _Typed(Typed):
     def conv1(self, features: int, name: str) -> nn.Conv:
         return self.conv(features, (1, 1), name, strides=(1, 1), padding="VALID")
 
-    def norm(self, groups: int, name: str) -> nn.GroupNorm:
+    def norm(self, groups: int, name: str) -> GroupNorm:
         return self.group_norm(groups, name, 1e-6)
 
 

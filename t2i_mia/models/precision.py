@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from t2i_mia.errors import ConfigError
+from t2i_mia.models.norms import GroupNorm
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -86,6 +87,6 @@ class Typed(nn.Module):
                             param_dtype=self.param_dtype, **kw)
 
     def group_norm(self, groups: int, name: str | None = None, epsilon: float = 1e-5,
-                   **kw) -> nn.GroupNorm:
-        return nn.GroupNorm(num_groups=groups, epsilon=epsilon, name=name, dtype=jnp.float32,
-                            param_dtype=self.param_dtype, **kw)
+                   **kw) -> GroupNorm:
+        return GroupNorm(num_groups=groups, epsilon=epsilon, name=name, dtype=jnp.float32,
+                         param_dtype=self.param_dtype, **kw)

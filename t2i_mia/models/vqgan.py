@@ -40,6 +40,7 @@ import numpy as np
 
 from t2i_mia.errors import ConfigError, DataError
 from t2i_mia.models import formats
+from t2i_mia.models.norms import GroupNorm
 from t2i_mia.models.precision import module_policy
 
 PyTree = Any
@@ -150,7 +151,7 @@ def _conv(features: int, k: int, name: str, owner: nn.Module, stride: int = 1,
 
 def _norm(name: str, owner: nn.Module):
     # float32 statistics (flax's rule), output in the owner's dtype
-    return nn.GroupNorm(num_groups=_GROUPS, epsilon=1e-6, name=name, **module_policy(owner))
+    return GroupNorm(num_groups=_GROUPS, epsilon=1e-6, name=name, **module_policy(owner))
 
 
 class ResnetBlock(nn.Module):
