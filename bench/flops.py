@@ -17,6 +17,12 @@ the vendors' data sheets, keyed by ``jax.Device.device_kind``. fp32 on NVIDIA is
 core FP32 rate; note that XLA may run f32 matmuls as TF32 on Ampere and later (JAX's default
 matmul precision), so an f32 "MFU" against it can exceed 1. TPUs publish no fp32 rate (the
 MXU runs f32 matmuls as several bf16 passes): their fp32 entry is None.
+
+CPU: a nominal fp32 peak from /proc/cpuinfo, :func:`cpu_peak_tflops`: usable vCPUs x 2 FMA
+units x 8 fp32 lanes (256-bit AVX2) x 2 FLOP per FMA x the clock (cpufreq's maximum, else
+cpuinfo's "cpu MHz"). It is a yardstick, not a guarantee: two vCPUs that are hyperthreads of
+one core share its FMA units (the real peak is then half), and a CPU with two 512-bit FMA
+units running AVX-512 code can do twice as much.
 """
 
 from __future__ import annotations
@@ -64,6 +70,47 @@ _PATTERNS: tuple[tuple[str, str], ...] = (
 )
 
 _DTYPES = {"bfloat16": 0, "bf16": 0, "float32": 1, "fp32": 1, "f32": 1}
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def cpu_peak_tflops(dtype: Any = "float32", cpuinfo: str | None = None,
+                    n_cpus: int | None = None, max_khz: float | None = None
+                    ) -> tuple[float | None, str | None]:
+    """(nominal AVX2 fp32 peak TFLOP/s of this machine's usable vCPUs, None) or (None,
+    reason). ``cpuinfo``/``n_cpus``/``max_khz`` default to /proc/cpuinfo, the affinity
+    mask and cpufreq's ``cpuinfo_max_freq`` (given: for tests; ``max_khz=0``: unknown, use
+    cpuinfo's "cpu MHz")."""
+    if _dtype_index(dtype) != 1:
+        return None, "no bf16 peak for CPU (no native bf16 FMA assumed)"
+    text = _read("/proc/cpuinfo") if cpuinfo is None else cpuinfo
+    if not text:
+        return None, "no /proc/cpuinfo to read the CPU's vector units and clock from"
+    flags = set(re.search(r"^flags\s*:(.*)$", text, re.M).group(1).split()) \
+        if re.search(r"^flags\s*:", text, re.M) else set()
+    if not {"avx2", "fma"} <= flags:
+        return None, "CPU without AVX2 + FMA: no nominal peak"
+    if n_cpus is None:
+        import os
+        n_cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+            else (os.cpu_count() or 1)
+    if max_khz is None:
+        raw = _read("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")
+        max_khz = float(raw) if raw and raw.strip().isdigit() else None
+    if max_khz:
+        hz = max_khz * 1e3
+    else:
+        mhz = re.search(r"^cpu MHz\s*:\s*([0-9.]+)", text, re.M)
+        if not mhz:
+            return None, "no clock in /proc/cpuinfo (cpu MHz) or cpufreq"
+        hz = float(mhz.group(1)) * 1e6
+    return n_cpus * 2 * 8 * 2 * hz / 1e12, None
 
 
 def cost(obj: Any) -> dict[str, float]:
@@ -137,7 +184,7 @@ def lookup(device_kind: str) -> str | None:
 def peak_tflops(platform: str, device_kind: str, dtype: Any) -> tuple[float | None, str | None]:
     """(peak dense TFLOP/s of one device, None) or (None, reason)."""
     if platform == "cpu":
-        return None, "no peak rate for CPU"
+        return cpu_peak_tflops(dtype)
     key = lookup(device_kind)
     if key is None:
         return None, f"no peak rate for device_kind {device_kind!r} in bench/flops.py"

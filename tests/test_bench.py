@@ -124,7 +124,15 @@ def test_peak_table_and_utilization():
     assert u["mfu"][0] == pytest.approx(1.0 / 989.4)
     cpu = flops_lib.utilization(2e12, 2.0, "cpu", "cpu", "float32")
     assert cpu["tflops_per_s"] == (1.0, None)
-    assert cpu["mfu"] == (None, "no peak rate for CPU")
+    peak, why = flops_lib.cpu_peak_tflops("float32")
+    assert (cpu["mfu"][0] == pytest.approx(1.0 / peak)) if peak else cpu["mfu"] == (None, why)
+    # 2 vCPUs x 2 FMA x 8 lanes x 2 x 2.5 GHz = 0.16 TFLOP/s
+    info = "processor\t: 0\nflags\t\t: sse avx avx2 fma\ncpu MHz\t\t: 2500.000\n"
+    # max_khz=0: no cpufreq maximum known, so cpuinfo's "cpu MHz" is the clock
+    assert flops_lib.cpu_peak_tflops("float32", info, 2, 0)[0] == pytest.approx(0.16)
+    assert flops_lib.cpu_peak_tflops("float32", info, 2, 3.0e6)[0] == pytest.approx(0.192)
+    assert flops_lib.cpu_peak_tflops("float32", info.replace(" avx2", ""), 2, 3e6)[0] is None
+    assert flops_lib.cpu_peak_tflops("bfloat16", info, 2, 3e6)[0] is None
     assert flops_lib.utilization(None, 1.0, "cpu", "cpu", "float32")["mfu"][0] is None
     with pytest.raises(ValueError):
         flops_lib.peak_tflops("gpu", "NVIDIA H200", "int8")
