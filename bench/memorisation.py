@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Does the LDM target memorise its members? The issue-3 check at any preset.
+"""Does the LDM target memorise its members? Members against non-members, at any preset.
 
     python bench/memorisation.py [--config tiny] [--work-dir t2i_mia_work] [--k 4]
 
