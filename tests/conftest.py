@@ -72,6 +72,32 @@ def assert_parity(actual, ref, name: str = ""):
                                err_msg=name)
 
 
+# One clean run's control is checked at the 99.9% level, not at its 95% CI: a 95% CI
+# excludes 0.5 in one clean run in twenty by construction (the false-alarm rate itself is
+# tested over repeated trials in test_metrics.py), and the trained models' numbers move with
+# a machine's float rounding, so a suite of a dozen such checks would fail every few runs.
+CHANCE_Z = 3.29  # two-sided 99.9%
+
+
+def assert_reads_chance(block, what: str = ""):
+    """A control block ``{auc, auc_ci[, p_value]}`` of a clean pipeline is consistent with AUC
+    0.5 at the 99.9% level: |AUC - 0.5| within 3.29/1.96 of its 95% CI's half-width on the
+    side facing 0.5 (bootstrap intervals are not symmetric), and its p-value, where it has
+    one, >= 1e-3. A leak of the size the controls are built to flag still fails it."""
+    auc, (lo, hi) = block["auc"], block["auc_ci"]
+    half = (auc - lo) if auc < 0.5 else (hi - auc)
+    assert abs(auc - 0.5) <= CHANCE_Z / 1.96 * half, (what, block)
+    if block.get("p_value") is not None:
+        assert block["p_value"] >= 1e-3, (what, block)
+
+
+def assert_no_alarm(null, what: str = "null_target"):
+    """The null-target control of a clean pipeline: no Holm-adjusted p-value below 1e-3 (the
+    report's alarm uses alpha 0.05, which a clean run crosses one time in twenty)."""
+    p = [v["p_holm"] for v in null["per_attack"].values()]
+    assert p and min(p) >= 1e-3, (what, null)
+
+
 @pytest.fixture
 def tmp_workdir(tmp_path):
     return tmp_path

@@ -11,7 +11,7 @@ import os
 import pytest
 
 from t2i_mia.report.writer import validate_report
-from conftest import CI_MODELS, run_ci_audit
+from conftest import CI_MODELS, assert_no_alarm, assert_reads_chance, run_ci_audit
 
 pytestmark = [pytest.mark.slow, CI_MODELS]
 
@@ -34,8 +34,8 @@ def test_dalle_audit_report_and_controls(dalle_report):
     # the white-box reference for a seq2seq target is the image-token NLL
     assert "image-token NLL" in on_disk["white_box_reference"]["note"]
     for name in ("null_target", "shuffled_labels"):
-        lo, hi = on_disk["controls"][name]["auc_ci"]
-        assert lo <= 0.5 <= hi, (name, on_disk["controls"][name])
+        assert_reads_chance(on_disk["controls"][name], name)
+    assert_no_alarm(on_disk["controls"]["null_target"])
     for f in ("report.md", "roc.png", "samples.png", "manifest.json"):
         assert os.path.isfile(os.path.join(out, f)), f
 

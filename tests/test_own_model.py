@@ -10,7 +10,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import CI_MODELS
+from conftest import CI_MODELS, assert_no_alarm, assert_reads_chance
 from t2i_mia import attack, cli, train
 from t2i_mia.data.splits import SplitManifest
 from t2i_mia.targets.factory import ids_hash
@@ -83,11 +83,12 @@ def test_own_model_partial_mode(own):
     e = rep["attacks"]["pixel"]["threshold"]["pixel.mse.min"]
     assert e["auc_ci"][0] > 0.5, e
     # the null model (trained without the members) reads below the target, and raises no
-    # alarm: the control's decision (Holm over the attack MLPs) rather than one uncorrected
+    # alarm: the control's decision (Holm over the attack MLPs; at 1e-3, see
+    # conftest.assert_no_alarm) rather than one uncorrected
     # 95% interval of one threshold attack, which a null model exceeds by chance about 1
     # run in 20
     assert e["null_target"]["auc"] < e["auc_ci"][0], e
-    assert rep["controls"]["null_target"]["alarm"] is False, rep["controls"]["null_target"]
+    assert_no_alarm(rep["controls"]["null_target"])
     assert rep["attacks"]["pixel"]["mlp"]["auc"] > 0.5
     assert rep["models"]["null_target"] == str(own["root"] / "null")
     # the encoder was trained on --aux only, which no evaluated query shares
@@ -103,7 +104,7 @@ def test_own_model_none_mode(own):
     assert rep["attacks"]["pixel"]["mlp"] is None
     e = rep["attacks"]["pixel"]["threshold"]["pixel.mse.min"]
     assert e["auc_ci"][0] > 0.5, e
-    assert e["null_target"]["auc_ci"][0] <= 0.5 <= e["null_target"]["auc_ci"][1]
+    assert_reads_chance(e["null_target"], "null_target of pixel.mse.min")
     wb = rep["white_box_reference"]["threshold"]
     assert wb["auc"] > 0.5 and wb["accuracy"] is None
-    assert rep["controls"]["blind"]["auc_ci"][0] <= 0.5 <= rep["controls"]["blind"]["auc_ci"][1]
+    assert_reads_chance(rep["controls"]["blind"], "blind")
