@@ -89,6 +89,7 @@ def main(argv=None) -> int:
             print(f"  seeds         {', '.join(map(str, seeds))}: {paths.out}/seed_<s>/, "
                   f"{paths.out}/summary.json, summary.md")
         return 0
+    cli.use_compile_cache(paths.work_dir, not args.no_compile_cache)
     if not seeds:
         _audit_and_write(cfg, paths)
         logging.getLogger("t2i_mia").info("report written to %s", paths.out)

@@ -69,6 +69,7 @@ def main(argv=None) -> int:
     if args.dry_run:
         print(cli.plan(cfg, paths, f"generate {k} images per caption into {paths.out}"))
         return 0
+    cli.use_compile_cache(paths.work_dir, not args.no_compile_cache)
     if cfg.target == "generations":
         raise ConfigError("python -m t2i_mia.generate --target generations: a generations "
                           "folder is already images (use --target ldm or dalle-mini)")

@@ -166,6 +166,7 @@ def main(argv=None) -> int:
     if args.dry_run:
         print(cli.plan(cfg, paths, what))
         return 0
+    cli.use_compile_cache(paths.work_dir, not args.no_compile_cache)
     tmp = paths.out.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     if args.train_members:

@@ -16,7 +16,7 @@ import pytest
 from t2i_mia.config import load_config
 from t2i_mia.errors import CheckpointError, ConfigError, DataError
 from t2i_mia.report.writer import validate_report
-from conftest import CI_MODELS, run_ci_audit
+from conftest import CI_MODELS, assert_no_alarm, assert_reads_chance, run_ci_audit
 
 pytestmark = [pytest.mark.slow, CI_MODELS]
 
