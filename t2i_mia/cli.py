@@ -93,8 +93,8 @@ def make_parser(prog: str, description: str, epilog: str = "",
         _add_set_flags(p)
     p.add_argument("--no-compile-cache", action="store_true",
                    help="do not keep compiled XLA programs in WORK_DIR/xla_cache (kept by "
-                        "default: the models of one audit share their programs, so each "
-                        "compiles once, and a rerun compiles nothing)")
+                        "default: a program that lowers to the same HLO, as in a rerun on "
+                        "the same work dir, is loaded instead of compiled again)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan (sizes, mesh, steps, outputs) and exit")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -152,9 +152,9 @@ def use_compile_cache(work_dir: str, enabled: bool = True, min_compile_s: float 
     """XLA's persistent compilation cache in ``work_dir/xla_cache``; returns the cache folder
     in use (None: off).
 
-    The target, shadow, null and reference models of one audit have one architecture, so
-    their training steps and samplers lower to the same programs: with the cache each
-    compiles once per run (and not at all in a rerun with the same work dir). A program is
+    Programs that lower to the same HLO (as a rerun's do, and the same-architecture
+    models of one audit can) compile once per work dir instead of once per function
+    object. A program is
     keyed by its HLO, the XLA flags and the devices, so a hit runs what a fresh compile
     would. A cache the environment already chose (``JAX_COMPILATION_CACHE_DIR``) is kept.
     Programs that compile in under ``min_compile_s`` are cheaper to recompile than to load.

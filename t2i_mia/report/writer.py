@@ -478,7 +478,8 @@ def format_markdown(report: Mapping) -> str:
         "A control whose CI excludes 0.5, or a null-target alarm, needs investigation (a "
         "label leak, or member and non-member sets that differ in distribution, are the "
         "first suspects); at 95%, a clean control excludes 0.5 in about one run in twenty, "
-        "so one that does so again on other seeds (`--seeds`) is the finding. The null target is a model of the target's kind that never saw "
+        "so one that does so again on other seeds (`--seeds`) is the finding. The null "
+        "target is a model of the target's kind that never saw "
         "the evaluated members"
         + (f" (`{null_model['name']}`, trained on {null_model['split']})" if null_model
            else "") + "; its alarm tests AUC = 0.5 for each attack MLP (two-sided "
