@@ -146,6 +146,11 @@ class LDMConfig:
     timestep_power: float = 1.0
     vae_kl_weight: float = 1e-6
     vae_train: TrainConfig = field(default_factory=TrainConfig)
+    # A public base LDM trained on the ``pretrain`` split (disjoint from every evaluated
+    # split) that every LDM of the audit (target, shadow, references) fine-tunes from with
+    # ``train``, as real models are fine-tuned from a public base. steps 0: no base, every
+    # LDM trains from random initialisation.
+    base_train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=0))
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: DiffusionSampleConfig = field(default_factory=DiffusionSampleConfig)
 
@@ -682,7 +687,7 @@ def validate(cfg: Config) -> Config:
     _check(cfg.ldm.sample.eta >= 0.0, "ldm.sample.eta", "must be >= 0")
     _check(0.0 <= cfg.dalle.caption_dropout < 1.0, "dalle.caption_dropout", "must be in [0, 1)")
     for name, t in (("ldm.train", cfg.ldm.train), ("ldm.vae_train", cfg.ldm.vae_train),
-                    ("dalle.train", cfg.dalle.train), ("dalle.vqgan_train", cfg.dalle.vqgan_train),
+                    ("ldm.base_train", cfg.ldm.base_train), ("dalle.train", cfg.dalle.train), ("dalle.vqgan_train", cfg.dalle.vqgan_train),
                     ("adversary.encoder.train", a.encoder.train)):
         _check(t.steps >= 0, f"{name}.steps", "must be >= 0")
         _check(t.batch_size >= 1, f"{name}.batch_size", "must be >= 1")

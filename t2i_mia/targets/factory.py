@@ -109,17 +109,31 @@ def train_or_load_tokenizer(cfg: Config, captions: list[str], captions_hash: str
     return tok
 
 
+def _ldm_key(cfg: Config, vae_cfg, members_hash: str, tc, init_key: str | None) -> str:
+    """The cache key of an LDM trained with ``tc`` on the members hashed ``members_hash``,
+    from the base LDM keyed ``init_key`` (None: from random initialisation)."""
+    section = {k: v for k, v in dataclasses.asdict(cfg.ldm).items()
+               if k not in ("vae", "vae_train", "vae_kl_weight", "sample", "base_train")}
+    if section.get("timestep_power") == 1.0:  # the default keeps earlier cache keys
+        del section["timestep_power"]
+    section["train"] = dataclasses.asdict(tc)
+    parts = ["ldm", section, vae_cfg.to_dict(), members_hash, cfg.seed, cfg.data.image_size,
+             *policy_tag(policy_of(cfg))]
+    if init_key is not None:
+        parts.append({"fine_tuned_from": init_key})
+    return cache_key(*parts)
+
+
 def train_or_load_ldm(cfg: Config, name: str, images: np.ndarray, captions: list[str],
-                      members_hash: str, vae: tuple, tokenizer, cache: ModelCache, mesh: Mesh):
-    """An LDM (U-Net + text encoder) trained on ``images``/``captions`` (a model's members);
-    returns :class:`LDMComponents`. Cached as a Stable Diffusion folder."""
+                      members_hash: str, vae: tuple, tokenizer, cache: ModelCache, mesh: Mesh,
+                      train_cfg=None, init: tuple[str, LDMComponents] | None = None):
+    """An LDM (U-Net + text encoder) trained on ``images``/``captions`` (a model's members)
+    with ``train_cfg`` (default ``ldm.train``), fine-tuned from ``init`` = (its cache key, its
+    components) when given; returns :class:`LDMComponents`. Cached as a Stable Diffusion
+    folder."""
     vae_cfg, vae_params = vae
-    train_section = {k: v for k, v in dataclasses.asdict(cfg.ldm).items()
-                     if k not in ("vae", "vae_train", "vae_kl_weight", "sample")}
-    if train_section.get("timestep_power") == 1.0:  # the default keeps earlier cache keys
-        del train_section["timestep_power"]
-    key = cache_key("ldm", train_section, vae_cfg.to_dict(), members_hash, cfg.seed,
-                    cfg.data.image_size, *policy_tag(policy_of(cfg)))
+    tc = cfg.ldm.train if train_cfg is None else train_cfg
+    key = _ldm_key(cfg, vae_cfg, members_hash, tc, None if init is None else init[0])
     folder = cache.model_dir(f"ldm-{name}", key)
     if cache.done(f"ldm-{name}", key):
         log.info("ldm %s: cached %s", name, folder)
@@ -133,9 +147,14 @@ def train_or_load_ldm(cfg: Config, name: str, images: np.ndarray, captions: list
     u_ids, u_mask = tokenizer.encode([""])
     # A different seed per model so target and shadow are independent draws.
     seed = cfg.seed * 1000 + (int(hashlib.sha256(name.encode()).hexdigest(), 16) % 997)
+    start = {}
+    if init is not None:
+        text = init[1].text_params
+        start = {"unet_params": init[1].unet_params,
+                 "text_params": text["params"] if set(text) == {"params"} else text}
     params = train_ldm(unet_cfg, text_cfg, sched_cfg, latents, ids, mask, u_ids[0], u_mask[0],
-                       cfg.ldm.train, caption_dropout=cfg.ldm.caption_dropout, seed=seed,
-                       timestep_power=cfg.ldm.timestep_power,
+                       tc, caption_dropout=cfg.ldm.caption_dropout, seed=seed,
+                       timestep_power=cfg.ldm.timestep_power, **start,
                        mesh=mesh, ckpt_dir=cache.ckpt_dir(f"ldm-{name}", key),
                        rules=config_rules(cfg), policy=policy_of(cfg))
     comps = LDMComponents(vae_cfg=vae_cfg, vae_params=vae_params, unet_cfg=unet_cfg,
@@ -143,7 +162,9 @@ def train_or_load_ldm(cfg: Config, name: str, images: np.ndarray, captions: list
                           text_params=params["text"], tokenizer=tokenizer,
                           scheduler_cfg=sched_cfg)
     save_stable_diffusion(folder, comps)
-    cache.mark_done(f"ldm-{name}", key, {"trained_on": name, "n": int(len(images))})
+    cache.mark_done(f"ldm-{name}", key, {"trained_on": name, "n": int(len(images)),
+                                         **({} if init is None else
+                                            {"fine_tuned_from": f"ldm-base-{init[0]}"})})
     return comps
 
 
@@ -182,15 +203,32 @@ def model_info(manifest, name: str) -> dict:
             "members_sha256": ids_hash(hashes)}
 
 
+def ldm_pretrained(cfg: Config, dataset, manifest, base, cache: ModelCache, mesh: Mesh
+                   ) -> tuple[str, LDMComponents] | None:
+    """(cache key, components) of the public base LDM, trained with ``ldm.base_train`` on
+    ``pretrain`` (cached); None when ``ldm.base_train.steps`` is 0. ``base`` is
+    :func:`ldm_base`'s result."""
+    if cfg.ldm.base_train.steps == 0:
+        return None
+    vae, tok = base
+    images, captions = dataset.get_many(manifest.ids("pretrain"))
+    h = ids_hash(manifest.hashes("pretrain"))
+    comps = train_or_load_ldm(cfg, "base", images, captions, h, vae, tok, cache, mesh,
+                              train_cfg=cfg.ldm.base_train)
+    return _ldm_key(cfg, vae[0], h, cfg.ldm.base_train, None), comps
+
+
 def ldm_for(cfg: Config, name: str, dataset, manifest, base, cache: ModelCache, mesh: Mesh):
     """The LDM called ``name`` trained on its members (cached): ``target`` on
     target_members + target_known_members (known members are members too), ``shadow`` on
-    shadow_members. ``base`` is :func:`ldm_base`'s result."""
+    shadow_members; fine-tuned from the public base LDM when ``ldm.base_train.steps`` > 0
+    (:func:`ldm_pretrained`). ``base`` is :func:`ldm_base`'s result."""
     ids, hashes = model_members(manifest, name)
     images, captions = dataset.get_many(ids)
     vae, tok = base
+    init = ldm_pretrained(cfg, dataset, manifest, base, cache, mesh)
     return train_or_load_ldm(cfg, name, images, captions, ids_hash(hashes), vae, tok, cache,
-                             mesh)
+                             mesh, init=init)
 
 
 # ----------------------------------------------------------------------------- DALL-E mini

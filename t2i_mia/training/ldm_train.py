@@ -172,6 +172,7 @@ def train_ldm(unet_cfg: unet_lib.UNet2DConditionConfig, text_cfg: CLIPTextConfig
               mask: np.ndarray, uncond_ids: np.ndarray, uncond_mask: np.ndarray,
               tc: TrainConfig, *, caption_dropout: float, seed: int, mesh: Mesh,
               ckpt_dir: str | None, text_params: PyTree | None = None,
+              unet_params: PyTree | None = None,
               train_text: bool = True, timestep_power: float = 1.0,
               rules: Rules = DEFAULT_RULES, policy: dict = FLOAT32) -> PyTree:
     """Trains U-Net (+ text encoder) on a model's members.
@@ -182,6 +183,7 @@ def train_ldm(unet_cfg: unet_lib.UNet2DConditionConfig, text_cfg: CLIPTextConfig
       caption_dropout: probability of replacing a caption by the empty one (enables
         classifier-free guidance at sampling time).
       text_params: a pretrained text encoder (kept frozen unless ``train_text``).
+      unet_params: a pretrained U-Net to fine-tune (None: random initialisation).
       timestep_power: p of :func:`sample_timesteps` (1 = uniform).
       rules: how the ``model`` axis splits the parameters (and so the training state).
       policy: the precision (``dtype``, ``param_dtype``; :mod:`t2i_mia.models.precision`).
@@ -191,8 +193,10 @@ def train_ldm(unet_cfg: unet_lib.UNet2DConditionConfig, text_cfg: CLIPTextConfig
     k0, k1 = jax.random.split(jax.random.PRNGKey(seed))
     length = ids.shape[1]
     pdt = policy["param_dtype"]
-    params = {"unet": init_sharded(lambda k: cast_params(unet_lib.init_params(unet_cfg, k, length),
-                                                         pdt), mesh, rules, k0),
+    params = {"unet": place_params(cast_params(unet_params, pdt), mesh, rules)
+              if unet_params is not None else
+              init_sharded(lambda k: cast_params(unet_lib.init_params(unet_cfg, k, length),
+                                                 pdt), mesh, rules, k0),
               "text": cast_params(text_params, pdt) if text_params is not None else init_sharded(
                   lambda k: cast_params(init_text_encoder(text_cfg, k, length), pdt), mesh,
                   rules, jax.random.PRNGKey(seed + 7))}
