@@ -288,6 +288,12 @@ def plan(cfg: Config, paths: RunPaths, what: str) -> str:
         lines += [
             f"  autoencoder   {l.vae_train.steps} steps x batch {l.vae_train.batch_size} "
             f"on pretrain",
+        ]
+        if l.base_train.steps:
+            lines.append(f"  base ldm      {l.base_train.steps} steps x batch "
+                         f"{l.base_train.batch_size} on pretrain; every LDM below "
+                         f"fine-tunes from it")
+        lines += [
             f"  ldm training  {l.train.steps} steps x batch {l.train.batch_size} per model "
             f"(target{', shadow' if cfg.adversary.aux_mode == 'shadow' else ', null'})",
             f"  sampling      DDIM {l.sample.num_inference_steps} steps, guidance "
