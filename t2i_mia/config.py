@@ -687,7 +687,8 @@ def validate(cfg: Config) -> Config:
     _check(cfg.ldm.sample.eta >= 0.0, "ldm.sample.eta", "must be >= 0")
     _check(0.0 <= cfg.dalle.caption_dropout < 1.0, "dalle.caption_dropout", "must be in [0, 1)")
     for name, t in (("ldm.train", cfg.ldm.train), ("ldm.vae_train", cfg.ldm.vae_train),
-                    ("ldm.base_train", cfg.ldm.base_train), ("dalle.train", cfg.dalle.train), ("dalle.vqgan_train", cfg.dalle.vqgan_train),
+                    ("ldm.base_train", cfg.ldm.base_train), ("dalle.train", cfg.dalle.train),
+                    ("dalle.vqgan_train", cfg.dalle.vqgan_train),
                     ("adversary.encoder.train", a.encoder.train)):
         _check(t.steps >= 0, f"{name}.steps", "must be >= 0")
         _check(t.batch_size >= 1, f"{name}.batch_size", "must be >= 1")

@@ -211,11 +211,13 @@ def ldm_pretrained(cfg: Config, dataset, manifest, base, cache: ModelCache, mesh
     if cfg.ldm.base_train.steps == 0:
         return None
     vae, tok = base
-    images, captions = dataset.get_many(manifest.ids("pretrain"))
     h = ids_hash(manifest.hashes("pretrain"))
-    comps = train_or_load_ldm(cfg, "base", images, captions, h, vae, tok, cache, mesh,
-                              train_cfg=cfg.ldm.base_train)
-    return _ldm_key(cfg, vae[0], h, cfg.ldm.base_train, None), comps
+    key = _ldm_key(cfg, vae[0], h, cfg.ldm.base_train, None)
+    if cache.done("ldm-base", key):  # every audit LDM asks: skip rendering the pretrain split
+        return key, load_stable_diffusion(cache.model_dir("ldm-base", key))
+    images, captions = dataset.get_many(manifest.ids("pretrain"))
+    return key, train_or_load_ldm(cfg, "base", images, captions, h, vae, tok, cache, mesh,
+                                  train_cfg=cfg.ldm.base_train)
 
 
 def ldm_for(cfg: Config, name: str, dataset, manifest, base, cache: ModelCache, mesh: Mesh):
