@@ -285,11 +285,16 @@ def plan(cfg: Config, paths: RunPaths, what: str) -> str:
         lines.append("  models        given: nothing of the target's kind is trained")
     elif cfg.target == "ldm":
         l = cfg.ldm
+        pub = cfg.public.components
         lines += [
+            f"  autoencoder   public components {pub} (with the caption tokenizer)" if pub else
             f"  autoencoder   {l.vae_train.steps} steps x batch {l.vae_train.batch_size} "
             f"on pretrain",
         ]
-        if l.base_train.steps:
+        if pub and cfg.public.fine_tune:
+            lines.append(f"  base ldm      public components {pub} (when the set has one); "
+                         f"every LDM below fine-tunes from it")
+        elif l.base_train.steps and not pub:
             lines.append(f"  base ldm      {l.base_train.steps} steps x batch "
                          f"{l.base_train.batch_size} on pretrain; every LDM below "
                          f"fine-tunes from it")
@@ -319,7 +324,9 @@ def plan(cfg: Config, paths: RunPaths, what: str) -> str:
                   f"  null target   {paths.null_target_dir or 'none (the control is absent)'}"]
     lines += [
         f"  adversary     k={a.k}, captions={a.caption_source}, aux={a.aux_mode}, encoder="
-        + (a.encoder.dir or f"CLIP trained {a.encoder.train.steps} steps on auxiliary"),
+        + (a.encoder.dir or (f"public components {cfg.public.components}"
+                             if cfg.public.components else
+                             f"CLIP trained {a.encoder.train.steps} steps on auxiliary")),
         "  calibrated    off (explicit sets: no reference models)" if sets.explicit else
         f"  calibrated    {a.n_reference} reference model(s) trained on draws from auxiliary"
         if a.n_reference else "  calibrated    off (adversary.n_reference=0)",

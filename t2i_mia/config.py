@@ -233,6 +233,24 @@ class AdversaryConfig:
 
 
 @dataclass
+class PublicConfig:
+    """Public components (:mod:`t2i_mia.targets.public`, made by ``python -m
+    t2i_mia.pretrain``): the autoencoder, caption tokenizer, base LDM and adversary's encoder
+    that real systems take from public releases, trained on a public pool of ``pool``
+    synthetic scenes from the generator's own stream (never an audit's seed) and checked
+    disjoint from every split. ``components``: null (every part trained on the audit's own
+    ``pretrain`` / ``auxiliary`` splits), ``package`` (the set shipped in the package) or a
+    folder. ``fine_tune``: the audit's LDMs (target, shadow, references) start from the
+    components' base LDM when the set has one. ``heldout``: pool images kept out of
+    training, on which ``pretrain`` measures the autoencoder's PSNR and the encoder's
+    caption-to-image retrieval."""
+    components: str | None = None
+    fine_tune: bool = True
+    pool: int = 8000
+    heldout: int = 512
+
+
+@dataclass
 class Config:
     preset: str = "tiny"
     seed: int = 0
@@ -243,6 +261,7 @@ class Config:
     ldm: LDMConfig = field(default_factory=LDMConfig)
     dalle: DalleConfig = field(default_factory=DalleConfig)
     adversary: AdversaryConfig = field(default_factory=AdversaryConfig)
+    public: PublicConfig = field(default_factory=PublicConfig)
 
     def to_dict(self) -> dict:
         return _to_jsonable(dataclasses.asdict(self))
@@ -695,6 +714,11 @@ def validate(cfg: Config) -> Config:
         _check(t.learning_rate > 0, f"{name}.learning_rate", "must be > 0")
         _check(0.0 <= t.ema_decay < 1.0, f"{name}.ema_decay", "must be in [0, 1)")
         _check(t.checkpoint_every >= 1, f"{name}.checkpoint_every", "must be >= 1")
+    pub = cfg.public
+    _check(pub.components is None or bool(pub.components.strip()), "public.components",
+           "expected null, 'package' or a components folder")
+    _check(pub.pool >= 16, "public.pool", f"must be >= 16, got {pub.pool}")
+    _check(pub.heldout >= 8, "public.heldout", f"must be >= 8, got {pub.heldout}")
     _check(0.0 < a.known_fraction < 1.0, "adversary.known_fraction",
            f"must be in (0, 1), got {a.known_fraction}")
     sets = cfg.data.sets

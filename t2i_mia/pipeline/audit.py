@@ -69,6 +69,7 @@ from t2i_mia.report.writer import SCHEMA_VERSION, format_table, write_report
 from t2i_mia.targets.builders import build_models
 from t2i_mia.targets.external import checkpoint_image_size, sampler_note
 from t2i_mia.targets.factory import ModelCache, ids_hash
+from t2i_mia.targets.public import load_components
 from t2i_mia.timing import Timer
 
 log = logging.getLogger(__name__)
@@ -187,12 +188,26 @@ def audit(cfg: Config, paths: RunPaths, progress: bool = True) -> AuditResult:
                                 f"non-members; need at least {M.MIN_PER_CLASS} of each "
                                 "(data.splits)")
 
-    models = build_models(cfg, paths, dataset, manifest, cache, mesh, timer)
+        public = None
+        if cfg.public.components:
+            # verified file by file; the pool never holds an audited or attack-training image
+            public = load_components(cfg.public.components)
+            public.check_disjoint(manifest)
+            if cfg.target in ("ldm", "generations") and not explicit:
+                public.check_config(cfg)
+
+    models = build_models(cfg, paths, dataset, manifest, cache, mesh, timer, public=public)
 
     with timer.phase("encoder"):
         if a.encoder.dir:
             encoder = load_encoder(a.encoder.dir, mesh, config_rules(cfg), policy_of(cfg))
             encoder_info = {"source": a.encoder.dir}
+        elif public is not None and public.has("encoder"):
+            encoder = load_encoder(public.path("encoder"), mesh, config_rules(cfg),
+                                   policy_of(cfg))
+            encoder_info = {"source": f"public components {public.name}",
+                            "n_members": public.manifest.get("pool", {}).get("n"),
+                            "members_sha256": public.manifest.get("pool", {}).get("sha256")}
         else:
             # the adversary's own data only: auxiliary is disjoint from every queried set
             aux_images, aux_captions = dataset.get_many(manifest.ids("auxiliary"))
@@ -331,6 +346,8 @@ def audit(cfg: Config, paths: RunPaths, progress: bool = True) -> AuditResult:
                    "references": len(models.references),
                    "sampler": sampler_note(cfg.target, paths.target_dir, cfg)},
     }
+    if public is not None:
+        report["models"]["public_components"] = public.info()
     if member_sets is not None:
         report["query_sets"] = query_sets_info(member_sets, manifest)
     if white_box is not None:

@@ -109,9 +109,11 @@ def train_or_load_tokenizer(cfg: Config, captions: list[str], captions_hash: str
     return tok
 
 
-def _ldm_key(cfg: Config, vae_cfg, members_hash: str, tc, init_key: str | None) -> str:
+def _ldm_key(cfg: Config, vae_cfg, members_hash: str, tc, init_key: str | None,
+             public_digest: str | None = None) -> str:
     """The cache key of an LDM trained with ``tc`` on the members hashed ``members_hash``,
-    from the base LDM keyed ``init_key`` (None: from random initialisation)."""
+    from the base LDM keyed ``init_key`` (None: from random initialisation), over the public
+    components of digest ``public_digest`` (None: parts trained on the audit's splits)."""
     section = {k: v for k, v in dataclasses.asdict(cfg.ldm).items()
                if k not in ("vae", "vae_train", "vae_kl_weight", "sample", "base_train")}
     if section.get("timestep_power") == 1.0:  # the default keeps earlier cache keys
@@ -121,19 +123,24 @@ def _ldm_key(cfg: Config, vae_cfg, members_hash: str, tc, init_key: str | None) 
              *policy_tag(policy_of(cfg))]
     if init_key is not None:
         parts.append({"fine_tuned_from": init_key})
+    if public_digest is not None:
+        parts.append({"public_components": public_digest})
     return cache_key(*parts)
 
 
 def train_or_load_ldm(cfg: Config, name: str, images: np.ndarray, captions: list[str],
                       members_hash: str, vae: tuple, tokenizer, cache: ModelCache, mesh: Mesh,
-                      train_cfg=None, init: tuple[str, LDMComponents] | None = None):
+                      train_cfg=None, init: tuple[str, LDMComponents] | None = None,
+                      public_digest: str | None = None):
     """An LDM (U-Net + text encoder) trained on ``images``/``captions`` (a model's members)
     with ``train_cfg`` (default ``ldm.train``), fine-tuned from ``init`` = (its cache key, its
-    components) when given; returns :class:`LDMComponents`. Cached as a Stable Diffusion
-    folder."""
+    components) when given, over the autoencoder and tokenizer of the public components of
+    digest ``public_digest`` when given; returns :class:`LDMComponents`. Cached as a Stable
+    Diffusion folder."""
     vae_cfg, vae_params = vae
     tc = cfg.ldm.train if train_cfg is None else train_cfg
-    key = _ldm_key(cfg, vae_cfg, members_hash, tc, None if init is None else init[0])
+    key = _ldm_key(cfg, vae_cfg, members_hash, tc, None if init is None else init[0],
+                   public_digest)
     folder = cache.model_dir(f"ldm-{name}", key)
     if cache.done(f"ldm-{name}", key):
         log.info("ldm %s: cached %s", name, folder)
@@ -164,13 +171,19 @@ def train_or_load_ldm(cfg: Config, name: str, images: np.ndarray, captions: list
     save_stable_diffusion(folder, comps)
     cache.mark_done(f"ldm-{name}", key, {"trained_on": name, "n": int(len(images)),
                                          **({} if init is None else
-                                            {"fine_tuned_from": f"ldm-base-{init[0]}"})})
+                                            {"fine_tuned_from": init[0] if public_digest
+                                             else f"ldm-base-{init[0]}"}),
+                                         **({} if public_digest is None else
+                                            {"public_components": public_digest})})
     return comps
 
 
-def ldm_base(cfg: Config, dataset, manifest, cache: ModelCache, mesh: Mesh):
+def ldm_base(cfg: Config, dataset, manifest, cache: ModelCache, mesh: Mesh, public=None):
     """The parts every LDM of an audit shares: the autoencoder and the caption tokenizer,
-    both trained on ``pretrain`` (cached). Returns ((vae_cfg, vae_params), tokenizer)."""
+    from the public components ``public`` (:class:`t2i_mia.targets.public.PublicComponents`)
+    or trained on ``pretrain`` (cached). Returns ((vae_cfg, vae_params), tokenizer)."""
+    if public is not None:
+        return public.vae(), public.tokenizer()
     images, captions = dataset.get_many(manifest.ids("pretrain"))
     h = ids_hash(manifest.hashes("pretrain"))
     vae = train_or_load_autoencoder(cfg, images, h, cache, mesh)
@@ -203,11 +216,14 @@ def model_info(manifest, name: str) -> dict:
             "members_sha256": ids_hash(hashes)}
 
 
-def ldm_pretrained(cfg: Config, dataset, manifest, base, cache: ModelCache, mesh: Mesh
-                   ) -> tuple[str, LDMComponents] | None:
-    """(cache key, components) of the public base LDM, trained with ``ldm.base_train`` on
-    ``pretrain`` (cached); None when ``ldm.base_train.steps`` is 0. ``base`` is
-    :func:`ldm_base`'s result."""
+def ldm_pretrained(cfg: Config, dataset, manifest, base, cache: ModelCache, mesh: Mesh,
+                   public=None) -> tuple[str, LDMComponents] | None:
+    """(cache key, components) of the public base LDM: the public components' (``public``,
+    with ``public.fine_tune``), else trained with ``ldm.base_train`` on ``pretrain``
+    (cached); None when there is none (no base in ``public``, or ``ldm.base_train.steps``
+    0). ``base`` is :func:`ldm_base`'s result."""
+    if public is not None:
+        return public.base_ldm() if cfg.public.fine_tune and public.has("base") else None
     if cfg.ldm.base_train.steps == 0:
         return None
     vae, tok = base
@@ -220,17 +236,19 @@ def ldm_pretrained(cfg: Config, dataset, manifest, base, cache: ModelCache, mesh
                                   train_cfg=cfg.ldm.base_train)
 
 
-def ldm_for(cfg: Config, name: str, dataset, manifest, base, cache: ModelCache, mesh: Mesh):
+def ldm_for(cfg: Config, name: str, dataset, manifest, base, cache: ModelCache, mesh: Mesh,
+            public=None):
     """The LDM called ``name`` trained on its members (cached): ``target`` on
     target_members + target_known_members (known members are members too), ``shadow`` on
-    shadow_members; fine-tuned from the public base LDM when ``ldm.base_train.steps`` > 0
-    (:func:`ldm_pretrained`). ``base`` is :func:`ldm_base`'s result."""
+    shadow_members; fine-tuned from the base LDM of :func:`ldm_pretrained` when there is
+    one. ``base`` is :func:`ldm_base`'s result (over the public components ``public``)."""
     ids, hashes = model_members(manifest, name)
     images, captions = dataset.get_many(ids)
     vae, tok = base
-    init = ldm_pretrained(cfg, dataset, manifest, base, cache, mesh)
+    init = ldm_pretrained(cfg, dataset, manifest, base, cache, mesh, public)
     return train_or_load_ldm(cfg, name, images, captions, ids_hash(hashes), vae, tok, cache,
-                             mesh, init=init)
+                             mesh, init=init,
+                             public_digest=None if public is None else public.digest)
 
 
 # ----------------------------------------------------------------------------- DALL-E mini
