@@ -71,7 +71,9 @@ def main(argv=None) -> int:
     probe_s = time.perf_counter() - t0
 
     def config(start: str, n_steps: int):
+        # its own base on its own pretrain split, not the shipped public components
         return load_config(args.config, list(args.overrides) + [
+            "public.components=null",
             f"data.splits.pretrain={args.pretrain}", f"ldm.train.steps={n_steps}",
             f"ldm.base_train.steps={args.base_steps if start == 'base' else 0}"])
 

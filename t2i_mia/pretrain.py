@@ -35,6 +35,7 @@ import shutil
 import sys
 import time
 
+import jax.numpy as jnp
 import numpy as np
 
 import t2i_mia
@@ -76,7 +77,6 @@ def recipe(cfg: Config, overrides: list[str]) -> dict:
 def retrieval_r_at_1(encoder, images: np.ndarray, captions: list[str]) -> dict:
     """Caption-to-image retrieval among ``images``: R@1 (own image ranked first) and the
     rate at which the first image's caption is the query's (captions repeat)."""
-    import jax.numpy as jnp
     ei = encoder.embed_images(images)
     et = encoder.embed_texts(captions)
     top = np.asarray(jnp.argmax(et @ ei.T, axis=1))
@@ -187,16 +187,14 @@ def main(argv=None) -> int:
     if args.seed is not None:
         overrides.insert(0, f"seed={args.seed}")
     cfg = load_config(args.config, overrides)
-    if cfg.public.components:
-        raise ConfigError("public.components names components to use; pretrain makes them "
-                          "(leave it null)")
+    cfg.public.components = None  # what this command makes, not what it uses
     l, e = cfg.ldm, cfg.adversary.encoder
     lines = [f"t2i-mia pretrain: public components -> {os.path.abspath(args.out)}",
              f"  pool          {cfg.public.pool} synthetic scenes (own stream) + "
              f"{cfg.public.heldout} held out, {cfg.data.image_size}x{cfg.data.image_size}",
              f"  autoencoder   {l.vae_train.steps} steps x batch {l.vae_train.batch_size}",
              f"  encoder       {e.train.steps} steps x batch {e.train.batch_size}",
-             f"  base ldm      " + (f"{l.base_train.steps} steps x batch "
+             "  base ldm      " + (f"{l.base_train.steps} steps x batch "
                                     f"{l.base_train.batch_size}" if l.base_train.steps
                                     else "none (ldm.base_train.steps=0)"),
              f"  seed          {cfg.seed}   work dir {os.path.abspath(args.work_dir)}"]

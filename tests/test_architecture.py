@@ -23,7 +23,7 @@ LAYERS = [
     ("report", {"t2i_mia.report"}),
     ("pipeline", {"t2i_mia.pipeline"}),
     ("entry points", {"t2i_mia.cli", "t2i_mia.attack", "t2i_mia.train", "t2i_mia.generate",
-                      "t2i_mia.report.__main__"}),
+                      "t2i_mia.pretrain", "t2i_mia.report.__main__"}),
 ]
 # optional dependencies heavy enough to import only where used (--data coco)
 LAZY_OK = {"tensorflow_datasets", "tensorflow"}

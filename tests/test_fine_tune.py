@@ -15,7 +15,8 @@ from t2i_mia.errors import ConfigError
 from t2i_mia.parallel.mesh import make_mesh
 from t2i_mia.targets import factory
 
-SHRINK = ["data.splits.pretrain=32", "data.splits.target_members=8",
+SHRINK = ["public.components=null",  # the base trained here, on pretrain
+          "data.splits.pretrain=32", "data.splits.target_members=8",
           "data.splits.target_nonmembers=8", "data.splits.shadow_members=8",
           "data.splits.shadow_nonmembers=8", "data.splits.auxiliary=8",
           "ldm.vae_train.steps=2", "ldm.vae_train.batch_size=8",

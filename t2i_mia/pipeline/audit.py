@@ -69,7 +69,7 @@ from t2i_mia.report.writer import SCHEMA_VERSION, format_table, write_report
 from t2i_mia.targets.builders import build_models
 from t2i_mia.targets.external import checkpoint_image_size, sampler_note
 from t2i_mia.targets.factory import ModelCache, ids_hash
-from t2i_mia.targets.public import load_components
+from t2i_mia.targets.public import components_for
 from t2i_mia.timing import Timer
 
 log = logging.getLogger(__name__)
@@ -188,15 +188,16 @@ def audit(cfg: Config, paths: RunPaths, progress: bool = True) -> AuditResult:
                                 f"non-members; need at least {M.MIN_PER_CLASS} of each "
                                 "(data.splits)")
 
-        public = None
-        if cfg.public.components:
-            # verified file by file; the pool never holds an audited or attack-training image
-            public = load_components(cfg.public.components)
+        # verified file by file, never on other data; the pool holds no queried image
+        public = components_for(cfg)
+        if public is not None:
             public.check_disjoint(manifest)
-            if cfg.target in ("ldm", "generations") and not explicit:
-                public.check_config(cfg)
+        elif cfg.public.components:
+            log.warning("public.components=%s ignored: the public components belong to the "
+                        "synthetic data set (data.source=synthetic, no explicit sets)",
+                        cfg.public.components)
 
-    models = build_models(cfg, paths, dataset, manifest, cache, mesh, timer, public=public)
+    models = build_models(cfg, paths, dataset, manifest, cache, mesh, timer)
 
     with timer.phase("encoder"):
         if a.encoder.dir:

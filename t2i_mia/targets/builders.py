@@ -2,11 +2,11 @@
 :class:`~t2i_mia.targets.protocol.Models` an audit needs (target, attack source, null target,
 white-box reference, calibration references).
 
-* ``ldm``: an autoencoder and tokenizer trained on ``pretrain`` (or the public components'
-  ``public.components``, whose base LDM the audit's LDMs then fine-tune from); the target trained on its
-  members (or loaded from ``paths.target_dir``); one model on ``shadow_members`` that is the
-  shadow (aux_mode shadow) and in every mode the null target; ``adversary.n_reference``
-  reference models on draws from ``auxiliary``.
+* ``ldm``: an autoencoder and tokenizer trained on ``pretrain`` (or those of the public
+  components, ``public.components``, whose base LDM the audit's LDMs then fine-tune from);
+  the target trained on its members (or loaded from ``paths.target_dir``); one model on
+  ``shadow_members`` that is the shadow (aux_mode shadow) and in every mode the null
+  target; ``adversary.n_reference`` reference models on draws from ``auxiliary``.
 * ``dalle-mini``: the same with a VQGAN, a BPE tokenizer and DalleBarts.
 * ``generations``: the audited images come from a folder; the shadow is the adversary's own
   LDM.
@@ -51,10 +51,9 @@ def _roles(cfg: Config, manifest, target, shadow, refs: list, ref_info: list) ->
 
 
 def _build_ldm_models(cfg: Config, paths, dataset, manifest, cache: ModelCache,
-                      mesh: Mesh, timer: Timer, need_target: bool = True,
-                      public=None) -> Models:
+                      mesh: Mesh, timer: Timer, need_target: bool = True) -> Models:
     with timer.phase("autoencoder"):
-        base = factory.ldm_base(cfg, dataset, manifest, cache, mesh, public)
+        base = factory.ldm_base(cfg, dataset, manifest, cache, mesh)
     sample = cfg.ldm.sample
     target = None
     if need_target:
@@ -66,21 +65,20 @@ def _build_ldm_models(cfg: Config, paths, dataset, manifest, cache: ModelCache,
                         f"{paths.target_dir}: the model makes {comps.vae_cfg.sample_size}px "
                         f"images but data.image_size is {cfg.data.image_size}")
             else:
-                comps = factory.ldm_for(cfg, "target", dataset, manifest, base, cache, mesh,
-                                        public)
+                comps = factory.ldm_for(cfg, "target", dataset, manifest, base, cache, mesh)
             target = LDMTarget(comps, sample, seed=cfg.seed, mesh=mesh, name="target",
                                rules=config_rules(cfg), policy=policy_of(cfg))
     # One model trained on shadow_members: the shadow (shadow mode) and in every mode the
     # null target (its training data is disjoint from the evaluated members).
     with timer.phase("shadow" if cfg.adversary.aux_mode == "shadow" else "null_model"):
-        s_comps = factory.ldm_for(cfg, "shadow", dataset, manifest, base, cache, mesh, public)
+        s_comps = factory.ldm_for(cfg, "shadow", dataset, manifest, base, cache, mesh)
         shadow = LDMTarget(s_comps, sample, seed=cfg.seed + 1, mesh=mesh, name="shadow",
                            rules=config_rules(cfg), policy=policy_of(cfg))
     refs, ref_info = [], []
     with timer.phase("reference"):
         for r in range(cfg.adversary.n_reference):
             name = f"reference_{r}"
-            r_comps = factory.ldm_for(cfg, name, dataset, manifest, base, cache, mesh, public)
+            r_comps = factory.ldm_for(cfg, name, dataset, manifest, base, cache, mesh)
             refs.append(LDMTarget(r_comps, sample, seed=cfg.seed + 2 + r, mesh=mesh,
                                   name=name, rules=config_rules(cfg), policy=policy_of(cfg)))
             ref_info.append(model_info(manifest, name))
@@ -88,10 +86,9 @@ def _build_ldm_models(cfg: Config, paths, dataset, manifest, cache: ModelCache,
 
 
 def _build_generations_models(cfg: Config, paths, dataset, manifest, cache: ModelCache, mesh: Mesh,
-                              timer: Timer, public=None) -> Models:
+                              timer: Timer) -> Models:
     target = GenerationsTarget(paths.target_dir, cfg.data.image_size)
-    m = _build_ldm_models(cfg, paths, dataset, manifest, cache, mesh, timer, need_target=False,
-                          public=public)
+    m = _build_ldm_models(cfg, paths, dataset, manifest, cache, mesh, timer, need_target=False)
     # The shadow LDM is the adversary's own model; the audited images come from the folder.
     src = m.attack_source if cfg.adversary.aux_mode == "shadow" else target
     return dataclasses.replace(m, target=target, attack_source=src, white_box=None)
@@ -120,7 +117,7 @@ def _build_external_models(cfg: Config, paths, image_size: int, mesh: Mesh,
 
 
 def _build_dalle_models(cfg: Config, paths, dataset, manifest, cache: ModelCache, mesh: Mesh,
-                        timer: Timer, public=None) -> Models:
+                        timer: Timer) -> Models:
     """The audit's models for ``--target dalle-mini`` (mirrors the LDM's): a VQGAN and a BPE
     tokenizer trained on ``pretrain``; the target trained on
     ``manifest.target_training_ids()`` (or loaded from ``paths.target_dir``, whose image
@@ -187,14 +184,13 @@ BUILDERS: dict[str, Builder] = {"ldm": _build_ldm_models, "dalle-mini": _build_d
 
 
 def build_models(cfg: Config, paths, dataset, manifest, cache: ModelCache, mesh: Mesh,
-                 timer: Timer, public=None) -> Models:
+                 timer: Timer) -> Models:
     """The audit's models for ``cfg.target``: the user's (explicit sets) or trained/loaded
-    here by the kind's builder, the LDMs over the public components ``public``
-    (:class:`t2i_mia.targets.public.PublicComponents`; dalle-mini's VQGAN and tokenizer are
-    always trained on ``pretrain``); each phase timed in ``timer``."""
+    here by the kind's builder, the LDMs over the public components of ``public.components``
+    when set (dalle-mini's VQGAN and tokenizer are always trained on ``pretrain``); each
+    phase timed in ``timer``."""
     if cfg.data.sets.explicit:
         return _build_external_models(cfg, paths, cfg.data.image_size, mesh, timer)
     if cfg.target not in BUILDERS:
         raise ConfigError(f"target '{cfg.target}': no builder (one of {sorted(BUILDERS)})")
-    return BUILDERS[cfg.target](cfg, paths, dataset, manifest, cache, mesh, timer,
-                                public=public)
+    return BUILDERS[cfg.target](cfg, paths, dataset, manifest, cache, mesh, timer)

@@ -32,6 +32,7 @@ from t2i_mia.models.precision import policy_of, policy_tag
 from t2i_mia.models.text_normalize import normalize_text
 from t2i_mia.models.tokenizer import TextTokenizer
 from t2i_mia.parallel.mesh import config_rules
+from t2i_mia.targets.public import components_for
 from t2i_mia.targets.dalle_mini import (CAPTION_DROPOUT, DalleMiniComponents, empty_caption,
                                         load_dalle_mini, save_dalle_mini, tokenize_captions)
 from t2i_mia.training.dalle_train import encode_tokens, train_dallebart, train_vqgan, vqgan_stats
@@ -178,11 +179,15 @@ def train_or_load_ldm(cfg: Config, name: str, images: np.ndarray, captions: list
     return comps
 
 
-def ldm_base(cfg: Config, dataset, manifest, cache: ModelCache, mesh: Mesh, public=None):
+def ldm_base(cfg: Config, dataset, manifest, cache: ModelCache, mesh: Mesh):
     """The parts every LDM of an audit shares: the autoencoder and the caption tokenizer,
-    from the public components ``public`` (:class:`t2i_mia.targets.public.PublicComponents`)
-    or trained on ``pretrain`` (cached). Returns ((vae_cfg, vae_params), tokenizer)."""
+    from the public components (:func:`t2i_mia.targets.public.components_for`, checked
+    disjoint from ``manifest`` and matched to ``cfg``) or trained on ``pretrain`` (cached).
+    Returns ((vae_cfg, vae_params), tokenizer)."""
+    public = components_for(cfg)
     if public is not None:
+        public.check_disjoint(manifest)
+        public.check_config(cfg)
         return public.vae(), public.tokenizer()
     images, captions = dataset.get_many(manifest.ids("pretrain"))
     h = ids_hash(manifest.hashes("pretrain"))
@@ -216,12 +221,13 @@ def model_info(manifest, name: str) -> dict:
             "members_sha256": ids_hash(hashes)}
 
 
-def ldm_pretrained(cfg: Config, dataset, manifest, base, cache: ModelCache, mesh: Mesh,
-                   public=None) -> tuple[str, LDMComponents] | None:
-    """(cache key, components) of the public base LDM: the public components' (``public``,
-    with ``public.fine_tune``), else trained with ``ldm.base_train`` on ``pretrain``
-    (cached); None when there is none (no base in ``public``, or ``ldm.base_train.steps``
-    0). ``base`` is :func:`ldm_base`'s result."""
+def ldm_pretrained(cfg: Config, dataset, manifest, base, cache: ModelCache, mesh: Mesh
+                   ) -> tuple[str, LDMComponents] | None:
+    """(cache key, components) of the public base LDM: the public components' (with
+    ``public.fine_tune``), else trained with ``ldm.base_train`` on ``pretrain`` (cached);
+    None when there is none (no base in the components, or ``ldm.base_train.steps`` 0).
+    ``base`` is :func:`ldm_base`'s result."""
+    public = components_for(cfg)
     if public is not None:
         return public.base_ldm() if cfg.public.fine_tune and public.has("base") else None
     if cfg.ldm.base_train.steps == 0:
@@ -236,16 +242,16 @@ def ldm_pretrained(cfg: Config, dataset, manifest, base, cache: ModelCache, mesh
                                   train_cfg=cfg.ldm.base_train)
 
 
-def ldm_for(cfg: Config, name: str, dataset, manifest, base, cache: ModelCache, mesh: Mesh,
-            public=None):
+def ldm_for(cfg: Config, name: str, dataset, manifest, base, cache: ModelCache, mesh: Mesh):
     """The LDM called ``name`` trained on its members (cached): ``target`` on
     target_members + target_known_members (known members are members too), ``shadow`` on
     shadow_members; fine-tuned from the base LDM of :func:`ldm_pretrained` when there is
-    one. ``base`` is :func:`ldm_base`'s result (over the public components ``public``)."""
+    one. ``base`` is :func:`ldm_base`'s result."""
     ids, hashes = model_members(manifest, name)
     images, captions = dataset.get_many(ids)
     vae, tok = base
-    init = ldm_pretrained(cfg, dataset, manifest, base, cache, mesh, public)
+    public = components_for(cfg)
+    init = ldm_pretrained(cfg, dataset, manifest, base, cache, mesh)
     return train_or_load_ldm(cfg, name, images, captions, ids_hash(hashes), vae, tok, cache,
                              mesh, init=init,
                              public_digest=None if public is None else public.digest)

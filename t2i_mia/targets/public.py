@@ -27,6 +27,8 @@ import json
 import os
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from t2i_mia.config import Config
@@ -35,6 +37,7 @@ from t2i_mia.errors import CheckpointError, ConfigError, DataError
 from t2i_mia.models import autoencoder_kl, formats
 from t2i_mia.models.ldm import LDMComponents, load_stable_diffusion
 from t2i_mia.models.tokenizer import TextTokenizer
+from t2i_mia.training.ldm_train import encode_latents
 
 SCHEMA_VERSION = 1
 MANIFEST = "components.json"
@@ -225,6 +228,15 @@ def load_components(spec: str) -> PublicComponents:
     return PublicComponents(folder, manifest, files_digest(files), pool)
 
 
+def components_for(cfg: Config) -> PublicComponents | None:
+    """The public components an audit of ``cfg`` builds on: ``public.components`` loaded
+    and verified, for the synthetic data set only (None otherwise: the components were
+    trained on synthetic scenes and are never used on other data or explicit sets)."""
+    if not cfg.public.components or cfg.data.source != "synthetic" or cfg.data.sets.explicit:
+        return None
+    return load_components(cfg.public.components)
+
+
 def pool_digest(hashes: list[str]) -> str:
     return hashlib.sha256("\n".join(sorted(hashes)).encode()).hexdigest()
 
@@ -232,10 +244,6 @@ def pool_digest(hashes: list[str]) -> str:
 def reconstruction_psnr(vae_cfg, vae_params, images: np.ndarray, mesh) -> float:
     """Mean PSNR (dB, [0,255] peak) of the autoencoder's reconstructions (posterior mean)
     of uint8[N,H,W,3] images."""
-    import jax
-    import jax.numpy as jnp
-
-    from t2i_mia.training.ldm_train import encode_latents
     z = encode_latents(vae_cfg, vae_params, images, mesh, scale=1.0)
     model = autoencoder_kl.AutoencoderKL(vae_cfg)
     dec = jax.jit(lambda p, z: jnp.clip(jnp.round((model.apply({"params": p}, z,
