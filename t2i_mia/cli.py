@@ -35,12 +35,13 @@ log = logging.getLogger("t2i_mia")
 SHARED_EPILOG = """\
 configuration:
   --config takes a preset or a JSON file whose keys override the preset named by its
-  "preset" key. Presets: ci (64 members vs 128 non-members, the tests' audits): 25 min
-  cold, measured on 2 CPU cores (autoencoder 272 s, target 364, shadow 281, reference 278,
-  encoder 81, generation and features 126, attack 24, white box 97), a few minutes again
-  on the cached models; tiny (the embedded default, 500 vs 500): about 90 min cold on 2
-  CPU cores measured before the calibrated attack's reference model, which adds one more
-  LDM (about 30 min); paper-ldm / paper-dalle: paper scale for accelerators.
+  "preset" key. Presets: ci (64 members vs 128 non-members, the tests' audits, built on the
+  shipped public components): 6 min cold, measured on 2 CPU cores (target 95 s, shadow 79,
+  reference 75: 250 fine-tuning steps each; generation 35, features 19, reference queries
+  31, attack 16, white box 13), 105 s again on the cached models; tiny (the embedded
+  default, 500 vs 500, every part trained here): about 90 min cold on 2 CPU cores measured
+  before the calibrated attack's reference model, which adds one more LDM (about 30 min);
+  paper-ldm / paper-dalle: paper scale for accelerators.
   --set key=value (repeatable) overrides
   one value; values are JSON when they parse (3, 0.5, true, [32,64], null), else strings.
   Examples:
