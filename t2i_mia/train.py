@@ -80,11 +80,15 @@ def _dir_hash(folder: str) -> str:
 
 
 def train_on_members(cfg, work_dir: str, members: str, base_dir: str | None,
-                     pretrain: str | None):
+                     pretrain: str | None, fine_tune: bool = False):
     """Trains (or reuses) a model of ``cfg.target`` on the member set at ``members``.
 
     Public parts from ``base_dir`` or trained on ``pretrain`` (disjoint from the members by
-    content). Returns (components, MemberSet of the members)."""
+    content); with ``fine_tune`` (ldm, with ``base_dir``) the U-Net and text encoder start
+    from the base's. Returns (components, MemberSet of the members)."""
+    if fine_tune and not (base_dir and cfg.target == "ldm"):
+        raise ConfigError("--fine-tune starts from the --base-dir checkpoint's U-Net and text "
+                          "encoder: it needs --base-dir and --target ldm")
     if bool(base_dir) == bool(pretrain):
         raise ConfigError("--members needs the model's public parts from exactly one of "
                           "--base-dir DIR (an existing checkpoint of the same kind) or "
@@ -105,14 +109,19 @@ def train_on_members(cfg, work_dir: str, members: str, base_dir: str | None,
         p_images, p_caps = ms.dataset.get_many(list(p.ids))
         p_hash = factory.ids_hash(list(p.sha256))
     if cfg.target == "ldm":
+        init = None
         if base_dir:
             base = load_stable_diffusion(base_dir)
             vae, tok = (base.vae_cfg, base.vae_params), base.tokenizer
+            if fine_tune:  # the base enters the cache key by its files' content
+                init = (factory.cache_key("ldm-from", *(
+                    _dir_hash(os.path.join(base_dir, d)) for d in ("unet", "text_encoder"))),
+                        base)
         else:
             vae = factory.train_or_load_autoencoder(cfg, p_images, p_hash, cache, mesh)
             tok = factory.train_or_load_tokenizer(cfg, p_caps, p_hash, cache)
         comps = factory.train_or_load_ldm(cfg, "target", images, captions, members_hash, vae,
-                                          tok, cache, mesh)
+                                          tok, cache, mesh, init=init)
     else:
         if base_dir:
             base = dm.load_dalle_mini(base_dir)
@@ -146,6 +155,11 @@ def main(argv=None) -> int:
     parser.add_argument("--base-dir", default=None, metavar="DIR",
                         help="with --members: take the autoencoder/VQGAN and tokenizer from "
                              "this checkpoint of the same kind (its image size is used)")
+    parser.add_argument("--fine-tune", action="store_true",
+                        help="with --members --base-dir (ldm): start the U-Net and text "
+                             "encoder from the base checkpoint's and fine-tune them on the "
+                             "members, as a Stable Diffusion fine-tune does (default: they "
+                             "start from random initialisation)")
     parser.add_argument("--pretrain", default=None, metavar="PATH",
                         help="with --members: train the autoencoder/VQGAN and tokenizer on "
                              "these images (disjoint from the members)")
@@ -171,7 +185,7 @@ def main(argv=None) -> int:
     shutil.rmtree(tmp, ignore_errors=True)
     if args.train_members:
         comps, m = train_on_members(cfg, paths.work_dir, args.train_members, args.base_dir,
-                                    args.pretrain)
+                                    args.pretrain, args.fine_tune)
         _save(cfg.target, comps, tmp)
         with open(os.path.join(tmp, "members.json"), "w") as f:
             json.dump({"source": os.path.abspath(args.train_members), "ids": list(m.ids),
