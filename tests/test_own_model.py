@@ -1,8 +1,8 @@
 """Audit your own model, end to end at the ci preset: a model trained with ``train --members``
 and saved, audited with ``--target-dir --members --nonmembers --aux --null-target-dir`` in
-partial and none modes. The ci models the session trained are reused as the checkpoint and
-the null target; ``train --members --base-dir <shipped base LDM> --fine-tune`` makes the
-ci target again from the member set (the same fine-tune, from the same base and seed)."""
+partial and none modes. The ci shadow the session trained is reused as the null target;
+the audited model is ``train --members --base-dir <shipped base LDM>
+--fine-tune``: the shipped base fine-tuned on the member set."""
 
 import json
 import os
@@ -37,10 +37,7 @@ def own(ci_audit, audit_dirs, tmp_path_factory):
         images, captions = dataset.get_many(ids)
         sets[name] = write_manifest(root / name, images, captions, ids)
     common = ["--config", "ci", "--work-dir", work]
-    # "take a model": the ci target as a checkpoint ...
-    assert cli.run_main(train.main, common + ["--out", str(root / "base")]) == 0
-    # ... made again from the member set: the shipped base LDM fine-tuned on the members
-    # (the ci preset's target is that fine-tune)
+    # "take a model": the shipped base LDM fine-tuned on the members
     assert cli.run_main(train.main, common + [
         "--members", sets["members"], "--base-dir", os.path.join(PACKAGE_COMPONENTS, "base"),
         "--fine-tune", "--out", str(root / "model")]) == 0
@@ -63,15 +60,22 @@ def _audit(own, name, extra):
         return json.load(f)
 
 
-def test_train_members_gives_the_model_of_those_members(own):
+def test_train_members_fine_tunes_the_base_on_those_members(own):
+    """``train --members --base-dir B --fine-tune``: B's autoencoder bit for bit, a U-Net
+    fine-tuned from B's (250 steps move it 0.33 of its norm, measured; a random
+    initialisation lies 1.2 away), and members.json lists exactly the members."""
+    import jax
     from t2i_mia.models.ldm import load_stable_diffusion
     a = load_stable_diffusion(own["root"] / "model")
-    b = load_stable_diffusion(own["root"] / "base")
-    import jax
+    b = load_stable_diffusion(os.path.join(PACKAGE_COMPONENTS, "base"))
+    for x, y in zip(jax.tree.leaves(a.vae_params), jax.tree.leaves(b.vae_params)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     la, lb = jax.tree.leaves(a.unet_params), jax.tree.leaves(b.unet_params)
     assert len(la) == len(lb) > 0
-    for x, y in zip(la, lb):  # the same computation, run again from the member set
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-6)
+    diff = sum(float(((np.asarray(x, np.float64) - np.asarray(y, np.float64)) ** 2).sum())
+               for x, y in zip(la, lb))
+    norm = sum(float((np.asarray(y, np.float64) ** 2).sum()) for y in lb)
+    assert 0.0 < (diff / norm) ** 0.5 < 0.6
     with open(own["root"] / "model" / "members.json") as f:
         listed = json.load(f)
     assert sorted(listed["sha256"]) == sorted(own["manifest"].hashes("target_members"))
