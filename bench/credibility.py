@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import tempfile
@@ -234,29 +233,6 @@ def diversity(gen: np.ndarray, seed: int = 0) -> dict:
     return {"within_rms": within, "between_rms": between, "ratio": within / between}
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """Mean over images of the PSNR (dB) between uint8 images a and b."""
-    d = (a.astype(np.float64) - b.astype(np.float64)) / 255.0
-    mse = (d * d).reshape(len(a), -1).mean(-1)
-    return float(np.mean(10.0 * np.log10(1.0 / np.maximum(mse, 1e-10))))
-
-
-def reconstruct(vae_cfg, vae_params, images: np.ndarray, mesh) -> np.ndarray:
-    """uint8[N,H,W,3] -> the autoencoder's reconstructions (posterior mean), uint8."""
-    import jax
-    import jax.numpy as jnp
-
-    from t2i_mia.models import autoencoder_kl
-    from t2i_mia.training.ldm_train import encode_latents
-    z = encode_latents(vae_cfg, vae_params, images, mesh, scale=1.0)
-    model = autoencoder_kl.AutoencoderKL(vae_cfg)
-    dec = jax.jit(lambda p, z: jnp.clip(jnp.round((model.apply({"params": p}, z,
-                                                               method="decode") + 1) * 127.5),
-                                        0, 255).astype(jnp.uint8))
-    return np.concatenate([np.asarray(dec(vae_params, z[i:i + 256]))
-                           for i in range(0, len(z), 256)])
-
-
 def _write_atomic(path: str, data: bytes) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -303,6 +279,7 @@ def main(argv=None) -> int:
     from t2i_mia.data.synthetic import SyntheticCaptions
     from t2i_mia.parallel.mesh import make_mesh
     from t2i_mia.targets import factory
+    from t2i_mia.targets import public
     from t2i_mia.targets.ldm import LDMTarget
 
     cfg = load_config(args.config, args.overrides)
@@ -343,7 +320,7 @@ def main(argv=None) -> int:
     rep = [c for c in captions for _ in range(k)]
     perm = derangement(n, seed=1)
     wrong = [captions[perm[i]] for i in range(n) for _ in range(k)]
-    recon = reconstruct(comps.vae_cfg, comps.vae_params, images, mesh)
+    recon = public.reconstruct(comps.vae_cfg, comps.vae_params, images, mesh)
     doc = {
         "config": cfg.preset, "seed": cfg.seed, "n_captions": n, "k": k,
         "probe": {"train_images": args.probe_train, "steps": args.probe_steps,
@@ -353,7 +330,7 @@ def main(argv=None) -> int:
         "generations": found_rates(g_probs, rep),
         "generations_wrong_caption": found_rates(g_probs, wrong),
         "diversity": diversity(gen),
-        "autoencoder": {"psnr_db": psnr(recon, images),
+        "autoencoder": {"psnr_db": public.psnr_db(recon, images),
                         "found": found_rates(predict(params, recon), captions)["found"]},
     }
     times["measure_s"] = time.perf_counter() - t0

@@ -181,9 +181,10 @@ def _same(ours: dict, theirs: dict, key: str, where: str) -> None:
 
 
 def read_pool_hashes(path: str) -> frozenset:
-    data = open(path, "rb").read() if os.path.isfile(path) else None
-    if data is None:
+    if not os.path.isfile(path):
         raise CheckpointError(f"{path}: missing (the public pool's content hashes)")
+    with open(path, "rb") as f:
+        data = f.read()
     if len(data) % 32:
         raise CheckpointError(f"{path}: {len(data)} bytes, not a whole number of 32-byte "
                               "SHA-256 digests")
@@ -241,16 +242,24 @@ def pool_digest(hashes: list[str]) -> str:
     return hashlib.sha256("\n".join(sorted(hashes)).encode()).hexdigest()
 
 
-def reconstruction_psnr(vae_cfg, vae_params, images: np.ndarray, mesh) -> float:
-    """Mean PSNR (dB, [0,255] peak) of the autoencoder's reconstructions (posterior mean)
-    of uint8[N,H,W,3] images."""
+def reconstruct(vae_cfg, vae_params, images: np.ndarray, mesh) -> np.ndarray:
+    """uint8[N,H,W,3] -> the autoencoder's reconstructions (posterior mean), uint8."""
     z = encode_latents(vae_cfg, vae_params, images, mesh, scale=1.0)
     model = autoencoder_kl.AutoencoderKL(vae_cfg)
     dec = jax.jit(lambda p, z: jnp.clip(jnp.round((model.apply({"params": p}, z,
                                                                method="decode") + 1) * 127.5),
-                                        0, 255))
-    rec = np.concatenate([np.asarray(dec(vae_params, z[i:i + 256]))
-                          for i in range(0, len(z), 256)])
-    d = (rec - images.astype(np.float64)) / 255.0
-    mse = (d * d).reshape(len(images), -1).mean(-1)
+                                        0, 255).astype(jnp.uint8))
+    return np.concatenate([np.asarray(dec(vae_params, z[i:i + 256]))
+                           for i in range(0, len(z), 256)])
+
+
+def psnr_db(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean over images of the PSNR (dB, [0,255] peak) between uint8 images a and b."""
+    d = (a.astype(np.float64) - b.astype(np.float64)) / 255.0
+    mse = (d * d).reshape(len(a), -1).mean(-1)
     return float(np.mean(10.0 * np.log10(1.0 / np.maximum(mse, 1e-10))))
+
+
+def reconstruction_psnr(vae_cfg, vae_params, images: np.ndarray, mesh) -> float:
+    """Mean PSNR (dB) of the autoencoder's reconstructions of uint8[N,H,W,3] images."""
+    return psnr_db(reconstruct(vae_cfg, vae_params, images, mesh), images)
