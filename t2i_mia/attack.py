@@ -1,9 +1,10 @@
 """``python -m t2i_mia.attack``: the membership inference audit (the main job).
 
 With no arguments it runs a complete audit on the embedded default: the synthetic captioned
-data set, a small latent diffusion target and a shadow model trained here (cached in
---work-dir), the adversary's CLIP encoder trained on the auxiliary split, the four attacks
-of Wu et al. (2022), controls, and the report in --out.
+data set; a small latent diffusion target and a shadow model, each fine-tuned here (cached in
+--work-dir) from the base LDM of the public components shipped in the package (which also
+give the autoencoder and the adversary's CLIP encoder); the four attacks of Wu et al. (2022),
+the calibrated attack against the base, controls, and the report in --out.
 """
 
 from __future__ import annotations

@@ -39,9 +39,13 @@ configuration:
   shipped public components): 6 min cold, measured on 2 CPU cores (target 95 s, shadow 79,
   reference 75: 250 fine-tuning steps each; generation 35, features 19, reference queries
   31, attack 16, white box 13), 105 s again on the cached models; tiny (the embedded
-  default, 500 vs 500, every part trained here): about 90 min cold on 2 CPU cores measured
-  before the calibrated attack's reference model, which adds one more LDM (about 30 min);
-  paper-ldm / paper-dalle: paper scale for accelerators.
+  default, 250 vs 250, target and shadow fine-tuned 1000 steps from the shipped base, the
+  base as calibration reference): 12 min cold on 2 CPU cores (target 260 s, shadow 239,
+  generation 83, reference queries 71, features 43, white box 22, attack 12), a rerun on the
+  cached models repeats only the phases after training (about 4 min); tiny-scratch (the earlier default, 500
+  vs 500, every part trained on the audit's splits): about 90 min cold measured before its
+  reference LDM, which adds about 30 more; paper-ldm / paper-dalle: paper scale for
+  accelerators.
   --set key=value (repeatable) overrides
   one value; values are JSON when they parse (3, 0.5, true, [32,64], null), else strings.
   Examples:
@@ -329,8 +333,7 @@ def plan(cfg: Config, paths: RunPaths, what: str) -> str:
                              if cfg.public.components else
                              f"CLIP trained {a.encoder.train.steps} steps on auxiliary")),
         "  calibrated    off (explicit sets: no reference models)" if sets.explicit else
-        f"  calibrated    {a.n_reference} reference model(s) trained on draws from auxiliary"
-        if a.n_reference else "  calibrated    off (adversary.n_reference=0)",
+        _calibration_plan(cfg),
         ("  evaluation    the given sets' evaluated part; " if sets.explicit else
          f"  evaluation    {s.target_members} members vs {s.target_nonmembers} non-members; ")
         + f"controls null_target (Holm alarm), shuffled_labels ({a.n_shuffles} shuffles); "
@@ -340,6 +343,17 @@ def plan(cfg: Config, paths: RunPaths, what: str) -> str:
         "manifest.json",
     ]
     return "\n".join(lines)
+
+
+def _calibration_plan(cfg: Config) -> str:
+    a = cfg.adversary
+    refs = [f"{a.n_reference} reference model(s) trained on draws from auxiliary"] \
+        if a.n_reference else []
+    if a.base_reference and cfg.target == "ldm":
+        refs.append("the base LDM (never saw a query)")
+    if not refs:
+        return "  calibrated    off (adversary.n_reference=0, adversary.base_reference=false)"
+    return "  calibrated    " + " + ".join(refs)
 
 
 def _planned_models(cfg: Config, paths: RunPaths) -> dict:

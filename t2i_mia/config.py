@@ -30,6 +30,7 @@ DATA_SOURCES = ("synthetic", "folder", "coco", "cc3m")
 CAPTION_SOURCES = ("ground_truth", "captioner")
 AUX_MODES = ("shadow", "partial", "none")
 MLP_EMBEDDINGS = ("auto", "always", "never")
+SSL_VIEWS = ("augment", "autoencoder")
 
 
 # Sharding rules, as data (big_vision style): ``[regex, axis of dim 0, axis of dim 1, ...]``,
@@ -186,6 +187,12 @@ class EncoderConfig:
     # Weight of the SLIP-style image-image contrastive term (0 = plain CLIP training); see
     # t2i_mia.training.clip_train.
     image_ssl_weight: float = 0.0
+    # The image-image term's second view: "augment" (the image again) or "autoencoder" (its
+    # reconstruction through the public autoencoder: generations are decoded images, and an
+    # encoder trained on sharp images alone matched a held-out image's reconstruction to it
+    # in 28% of cases among 256). "autoencoder" needs the public components' autoencoder
+    # (python -m t2i_mia.pretrain, or an audit with public.components).
+    ssl_views: str = "augment"
     # CLIP's recipe: weight decay 0.1 on matrices, no gradient clipping
     train: TrainConfig = field(default_factory=lambda: TrainConfig(weight_decay=0.1,
                                                                    grad_clip=0.0))
@@ -227,6 +234,11 @@ class AdversaryConfig:
     # reference models for the calibrated attack: LDMs (or DalleBarts) of the target's kind
     # trained on seeded draws from the auxiliary split, never on a queried image (0 = none)
     n_reference: int = 1
+    # the base LDM the audit's LDMs were fine-tuned from (public components or
+    # ldm.base_train) as one more calibration reference: it never saw a queried image (its
+    # pool / pretrain split is checked disjoint from every evaluated one), and it costs no
+    # training. Used only when there is a base (ldm target); otherwise ignored with a warning.
+    base_reference: bool = False
     white_box: bool = True  # the labelled upper-bound reference (outside the threat model)
     # side of the downsamples compared by pixel.coarse_mse (0 = leave that feature out)
     pixel_coarse_side: int = 8
@@ -316,7 +328,7 @@ def _ci_tiny_ldm(size: str) -> LDMConfig:
         # after 600 steps (MSE 0.007) the same LDM reached 0.83.
         vae_train=TrainConfig(steps=600, batch_size=32,
                               learning_rate=2e-3, warmup_steps=20, checkpoint_every=200),
-        # tiny: 6000 steps = 384 epochs of 500 members. Memorisation sets in late and
+        # tiny-scratch: 6000 steps = 384 epochs of 500 members. Memorisation sets in late and
         # steeply: white-box AUC 0.57 / 0.76 / 0.998 and pixel MSE AUC 0.52 / 0.70 / 0.91
         # after 1000 / 3000 / 6000 steps (wider U-Nets, other learning rates and batch
         # sizes did worse at equal samples).
@@ -409,8 +421,37 @@ def _preset_ci() -> Config:
 
 
 def _preset_tiny() -> Config:
+    """The embedded default (``python -m t2i_mia.attack``): the target and the shadow are
+    fine-tuned from the shipped base LDM on 250 members each (the autoencoder, tokenizer and
+    the adversary's encoder are the shipped public components too); 250 members vs 250
+    non-members are evaluated, and the base is the calibration reference."""
+    cfg = _preset_tiny_scratch()
+    cfg.preset = "tiny"
+    # pretrain and auxiliary as before: --target dalle-mini still trains its VQGAN on
+    # pretrain (the LDM takes its autoencoder and the encoder from the components)
+    cfg.data.splits = SplitsConfig(
+        pretrain=2000, target_members=250, target_nonmembers=250, target_known_members=0,
+        target_known_nonmembers=0, shadow_members=250, shadow_nonmembers=250, auxiliary=1000)
+    # 1000 steps = 128 epochs of 250 members; chosen on seed 0: 500 steps gave pixel AUC
+    # 0.63 and white-box 0.63 (6.8 min), 1000 steps 0.84 and 0.86 (12.3 min)
+    cfg.ldm.train = TrainConfig(steps=1000, batch_size=32, learning_rate=3e-3,
+                                warmup_steps=50, checkpoint_every=250)
+    # the encoder's recipe (the shipped one's): its image-image term pairs each pool image
+    # with its reconstruction through the public autoencoder
+    cfg.adversary = AdversaryConfig(
+        k=2, encoder=dataclasses.replace(_ci_tiny_encoder("tiny"), ssl_views="autoencoder"),
+        n_bootstrap=1000, n_shuffles=20, n_reference=0, base_reference=True)
+    cfg.public = PublicConfig(components="package")
+    return cfg
+
+
+def _preset_tiny_scratch() -> Config:
+    """The previous default: every part trained on the audit's own splits (autoencoder on
+    2000 ``pretrain`` images, encoder on 1000 ``auxiliary``, target and shadow 6000 steps
+    from scratch on 500 members each), 500 vs 500 evaluated, k = 4 (about 90 minutes on 2
+    CPU cores)."""
     return Config(
-        preset="tiny",
+        preset="tiny-scratch",
         data=DataConfig(image_size=32, splits=SplitsConfig(
             pretrain=2000, target_members=500, target_nonmembers=500, target_known_members=0,
             target_known_nonmembers=0, shadow_members=500, shadow_nonmembers=500,
@@ -492,6 +533,7 @@ def _preset_paper_dalle() -> Config:
 PRESETS = {
     "ci": _preset_ci,
     "tiny": _preset_tiny,
+    "tiny-scratch": _preset_tiny_scratch,
     "paper-ldm": _preset_paper_ldm,
     "paper-dalle": _preset_paper_dalle,
 }
@@ -687,6 +729,8 @@ def validate(cfg: Config) -> Config:
            "must be an integer >= 2 (the control's CI needs the spread between shuffles)")
     _check(isinstance(a.n_reference, int) and a.n_reference >= 0, "adversary.n_reference",
            "must be an integer >= 0 (0 = no calibrated attack)")
+    _check(isinstance(a.base_reference, bool), "adversary.base_reference",
+           f"must be true or false, got {a.base_reference!r}")
     _check(a.pixel_coarse_side >= 0, "adversary.pixel_coarse_side",
            f"must be >= 0 (0 = no coarse pixel feature), got {a.pixel_coarse_side}")
     _check(cfg.mesh.model >= 1, "mesh.model", "must be >= 1")
@@ -708,6 +752,11 @@ def validate(cfg: Config) -> Config:
     _check(cfg.ldm.timestep_power > 0, "ldm.timestep_power", "must be > 0")
     _check(cfg.adversary.encoder.image_ssl_weight >= 0, "adversary.encoder.image_ssl_weight",
            "must be >= 0")
+    _check(cfg.adversary.encoder.ssl_views in SSL_VIEWS, "adversary.encoder.ssl_views",
+           f"expected one of {SSL_VIEWS}, got {cfg.adversary.encoder.ssl_views!r}")
+    _check(cfg.adversary.encoder.ssl_views == "augment"
+           or cfg.adversary.encoder.image_ssl_weight > 0, "adversary.encoder.ssl_views",
+           "'autoencoder' views are the image-image term's: need image_ssl_weight > 0")
     _check(cfg.ldm.sample.eta >= 0.0, "ldm.sample.eta", "must be >= 0")
     _check(0.0 <= cfg.dalle.caption_dropout < 1.0, "dalle.caption_dropout", "must be in [0, 1)")
     for name, t in (("ldm.train", cfg.ldm.train), ("ldm.vae_train", cfg.ldm.vae_train),

@@ -85,6 +85,18 @@ def retrieval_r_at_1(encoder, images: np.ndarray, captions: list[str]) -> dict:
             "n": len(images)}
 
 
+def reconstruction_r_at_1(encoder, images: np.ndarray, recons: np.ndarray) -> dict:
+    """Reconstruction-to-image retrieval among uint8[N,H,W,3] ``images``: the rate at which
+    the image closest (cosine of image embeddings) to an image's reconstruction is that
+    image. Generations are decoded images: the semantic attack needs this high."""
+    def unit(e):
+        e = np.asarray(e, np.float64)
+        return e / np.linalg.norm(e, axis=1, keepdims=True)
+    sim = unit(encoder.embed_images(recons)) @ unit(encoder.embed_images(images)).T
+    return {"r_at_1": float(np.mean(np.argmax(sim, axis=1) == np.arange(len(images)))),
+            "chance": 1.0 / len(images), "n": len(images)}
+
+
 def pretrain(cfg: Config, work_dir: str, out: str, overrides: list[str] = ()) -> dict:
     """Trains (or reuses from ``work_dir``) the public components of ``cfg`` and writes them
     to ``out`` (atomically: a temporary folder renamed at the end). Returns components.json."""
@@ -110,17 +122,23 @@ def pretrain(cfg: Config, work_dir: str, out: str, overrides: list[str] = ()) ->
     with timer.phase("autoencoder"):
         vae = factory.train_or_load_autoencoder(cfg, images, h, cache, mesh)
     with timer.phase("encoder"):
+        # "autoencoder" views: the pool's reconstructions through the autoencoder just made
+        views = (pub.reconstruct(vae[0], vae[1], images, mesh)
+                 if cfg.adversary.encoder.ssl_views == "autoencoder" else None)
         encoder = train_or_load_encoder(cfg.adversary.encoder, images, captions, h, cfg.seed,
-                                        cache, mesh, rules, policy)
+                                        cache, mesh, rules, policy, views=views)
     base = None
     if cfg.ldm.base_train.steps > 0:
         with timer.phase("base_ldm"):
             base = factory.train_or_load_ldm(cfg, "base", images, captions, h, vae, tok, cache,
                                              mesh, train_cfg=cfg.ldm.base_train)
     with timer.phase("measure"):
+        held_recons = pub.reconstruct(vae[0], vae[1], held_images, mesh)
         measured = {
-            "autoencoder_psnr_db": pub.reconstruction_psnr(vae[0], vae[1], held_images, mesh),
-            "encoder_retrieval": retrieval_r_at_1(encoder, held_images, held_captions)}
+            "autoencoder_psnr_db": pub.psnr_db(held_recons, held_images),
+            "encoder_retrieval": retrieval_r_at_1(encoder, held_images, held_captions),
+            "encoder_reconstruction_retrieval": reconstruction_r_at_1(encoder, held_images,
+                                                                      held_recons)}
 
     tmp = out.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -21,8 +21,29 @@ def test_tiny_is_the_embedded_default_at_required_size():
     cfg = load_config(None)
     s = cfg.data.splits
     assert cfg.preset == "tiny" and cfg.data.source == "synthetic"
-    assert s.target_members >= 500 and s.target_nonmembers >= 500
-    assert cfg.adversary.k >= 4
+    # >= 250 non-members resolve TPR at 1% FPR; the shadow is the target's size
+    assert s.target_members >= 250 and s.target_nonmembers >= 250
+    assert (s.shadow_members, s.shadow_nonmembers) == (s.target_members, s.target_nonmembers)
+    # built on the shipped components: only target and shadow are trained, the base is the
+    # calibration reference
+    assert cfg.public.components == "package" and cfg.public.fine_tune
+    assert cfg.adversary.n_reference == 0 and cfg.adversary.base_reference
+
+
+def test_the_previous_default_is_a_named_preset():
+    """tiny-scratch is the default before the public components, unchanged: every part
+    trained on the audit's own splits, 500 vs 500, k = 4, 6000 steps per LDM."""
+    cfg = load_config("tiny-scratch")
+    s = cfg.data.splits
+    assert cfg.public.components is None and cfg.adversary.n_reference == 1
+    assert (s.pretrain, s.target_members, s.target_nonmembers, s.auxiliary) == (2000, 500, 500,
+                                                                                1000)
+    assert cfg.adversary.k == 4 and cfg.ldm.train.steps == 6000
+    assert cfg.ldm.vae_train.steps == 600 and cfg.adversary.encoder.train.steps == 800
+    # the default shares its model shapes (the shipped components fit both)
+    tiny = load_config("tiny")
+    assert (tiny.ldm.unet, tiny.ldm.vae, tiny.ldm.text_encoder) == (cfg.ldm.unet, cfg.ldm.vae,
+                                                                   cfg.ldm.text_encoder)
 
 
 def test_set_overrides_are_typed():
@@ -63,10 +84,18 @@ def test_unknown_key_names_the_key(override, key):
     ("ldm.sample.eta=-1", "ldm.sample.eta"),
     ("adversary.pixel_coarse_side=-2", "adversary.pixel_coarse_side"),
     ("adversary.n_shuffles=1", "adversary.n_shuffles"),
+    ("adversary.base_reference=1", "adversary.base_reference"),
+    ("adversary.encoder.ssl_views=decoded", "adversary.encoder.ssl_views"),
 ])
 def test_wrong_type_or_value_names_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config("ci", [override])
+
+
+def test_reconstruction_views_need_the_image_term():
+    with pytest.raises(ConfigError, match="image_ssl_weight > 0"):
+        load_config("ci", ["adversary.encoder.ssl_views=autoencoder",
+                           "adversary.encoder.image_ssl_weight=0"])
 
 
 def test_model_subconfig_validated_by_model_class():

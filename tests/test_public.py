@@ -14,13 +14,16 @@ import numpy as np
 import pytest
 
 from t2i_mia import pretrain
+from t2i_mia.adversary.encoder import train_or_load_encoder
 from t2i_mia.config import load_config
 from t2i_mia.data.splits import SplitSizes, make_splits
 from t2i_mia.errors import CheckpointError, ConfigError, DataError
 from t2i_mia.models.ldm import load_stable_diffusion
 from t2i_mia.pipeline.audit import run_audit
+from t2i_mia.parallel.mesh import make_mesh
 from t2i_mia.pipeline.paths import RunPaths
 from t2i_mia.targets import public as pub
+from t2i_mia.targets.factory import ModelCache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # small models: compiling them is most of the test's time
@@ -31,7 +34,7 @@ PRETRAIN = MODELS + [
     "ldm.vae_train.steps=2", "ldm.vae_train.batch_size=8",
     "ldm.base_train.steps=3", "ldm.base_train.batch_size=8", "ldm.base_train.warmup_steps=1",
     "adversary.encoder.train.steps=2", "adversary.encoder.train.batch_size=8",
-    "adversary.encoder.train.warmup_steps=1"]
+    "adversary.encoder.train.warmup_steps=1", "adversary.encoder.ssl_views=autoencoder"]
 AUDIT = MODELS + [
     "data.splits.pretrain=0", "data.splits.target_members=8",
     "data.splits.target_nonmembers=8", "data.splits.shadow_members=8",
@@ -43,7 +46,7 @@ AUDIT = MODELS + [
 
 # The shipped set (t2i_mia/assets/public): the digest of its files and the command that
 # made it. A change to any shipped file, or to what the recipe resolves to, fails here.
-SHIPPED_SHA256 = "29f9d00b6dae2ce7863d585ec04839d237b07e0b5b4fc03265e6b65038a4540b"
+SHIPPED_SHA256 = "1ec8b5e73630939a2525c1338b3008d679851af660e27b5a6d74cdc68bafa087"
 SHIPPED_RECIPE = ["ldm.base_train.steps=2500", "ldm.base_train.batch_size=64",
                   "adversary.encoder.train.steps=2000"]
 
@@ -71,9 +74,12 @@ def test_pretrain_then_an_audit_on_its_components(components, tmp_path):
     assert m["pool"]["seed"] == pub.POOL_SEED and m["pool"]["n"] == 64
     r = m["measured_on_heldout"]
     assert np.isfinite(r["autoencoder_psnr_db"]) and r["encoder_retrieval"]["n"] == 16
+    assert r["encoder_reconstruction_retrieval"]["n"] == 16
 
     work = tmp_path / "work"
-    cfg = load_config("ci", AUDIT + [f"public.components={json.dumps(str(components))}"])
+    # the base as the calibration reference (adversary.base_reference): nothing trained for it
+    cfg = load_config("ci", AUDIT + [f"public.components={json.dumps(str(components))}",
+                                     "adversary.base_reference=true"])
     rep = run_audit(cfg, RunPaths(work_dir=str(work), out=str(tmp_path / "out"),
                                   target_dir=None, data_dir=None), progress=False)
     assert rep["models"]["public_components"]["sha256"] == m["sha256"]
@@ -84,6 +90,10 @@ def test_pretrain_then_an_audit_on_its_components(components, tmp_path):
     info = json.loads(next((work / "models").glob("ldm-target-*/cache.json")).read_text())
     assert info["fine_tuned_from"] == f"public-{m['sha256'][:16]}"
     assert info["public_components"] == m["sha256"]
+    cal = rep["attacks"]["calibrated"]
+    assert cal["reference_models"] == [{"name": "base", "split": f"public pool ({m['name']})",
+                                        "n_members": 64, "members_sha256": m["pool"]["sha256"]}]
+    assert "calibrated.pixel.mse.min" in cal["threshold"]
     # the target was built on the public autoencoder, bit for bit, and started from the base
     target = load_stable_diffusion(next((work / "models").glob("ldm-target-*")))
     vae_cfg, vae_params = pub.load_components(str(components)).vae()
@@ -93,6 +103,16 @@ def test_pretrain_then_an_audit_on_its_components(components, tmp_path):
     gap = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in
               zip(jax.tree.leaves(target.unet_params), jax.tree.leaves(base.unet_params)))
     assert 0.0 < gap < 0.05  # 3 Adam steps of lr <= 1e-3 from the base
+
+
+def test_an_encoder_on_reconstructions_needs_the_public_autoencoder(tmp_path):
+    """ssl_views=autoencoder without the images' reconstructions (an audit training its own
+    encoder with no public components) is an error that says what is missing."""
+    cfg = load_config("ci", ["adversary.encoder.ssl_views=autoencoder"])
+    images, captions = pub.public_pool(32, 8).get_many(list(range(8)))
+    with pytest.raises(ConfigError, match="reconstructions through the public autoencoder"):
+        train_or_load_encoder(cfg.adversary.encoder, images, captions, "h", 0,
+                              ModelCache(str(tmp_path)), make_mesh(-1, 1))
 
 
 @pytest.mark.slow
@@ -154,6 +174,10 @@ def test_the_shipped_components_are_pinned_and_fit_the_presets():
     r = m["measured_on_heldout"]
     assert r["autoencoder_psnr_db"] >= 20.0, r
     assert r["encoder_retrieval"]["caption_match_at_1"] > 0.2, r
+    # trained with the autoencoder's reconstructions as views, the encoder finds a held-out
+    # image from its reconstruction (the plain image-image term's encoder: 0.28 among 256)
+    assert r["encoder_reconstruction_retrieval"]["r_at_1"] >= 0.5, r
+    assert m["recipe"]["encoder"]["ssl_views"] == "autoencoder"
     for preset in ("ci", "tiny"):
         c.check_config(load_config(preset, ["public.components=package"]))
 

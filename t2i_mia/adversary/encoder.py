@@ -8,6 +8,7 @@ from every target and shadow split).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
 from typing import Any, Sequence
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from t2i_mia.errors import CheckpointError
+from t2i_mia.errors import CheckpointError, ConfigError
 from t2i_mia.models.clip import CLIP_MEAN, CLIP_STD, CLIPConfig, CLIPModel, load_clip, save_clip
 from t2i_mia.models.precision import FLOAT32, cast_params, policy_tag
 from t2i_mia.models.tokenizer import TextTokenizer
@@ -99,13 +100,25 @@ def load_encoder(folder: str, mesh: Mesh, rules: Rules = DEFAULT_RULES,
 
 def train_or_load_encoder(enc_cfg, images: np.ndarray, captions: list[str], aux_hash: str,
                           seed: int, cache, mesh: Mesh, rules: Rules = DEFAULT_RULES,
-                          policy: dict = FLOAT32) -> Encoder:
-    """CLIP trained contrastively on the auxiliary split (cached like every model)."""
+                          policy: dict = FLOAT32, views: np.ndarray | None = None) -> Encoder:
+    """CLIP trained contrastively on ``images`` uint8[N,H,W,3] and their captions (the
+    auxiliary split, or the public pool), cached like every model. ``views`` uint8[N,H,W,3]:
+    the image-image term's second views, required with ``ssl_views`` "autoencoder" (the
+    images' reconstructions through the public autoencoder); their content enters the key."""
     section = dataclasses.asdict(enc_cfg)
-    if section.get("image_ssl_weight") == 0.0:  # the default keeps earlier cache keys
+    if section.get("image_ssl_weight") == 0.0:  # the defaults keep earlier cache keys
         del section["image_ssl_weight"]
+    if section.get("ssl_views") == "augment":
+        del section["ssl_views"]
+    elif views is None:
+        raise ConfigError(f"adversary.encoder.ssl_views = {enc_cfg.ssl_views!r}: the encoder's "
+                          "training needs the images' reconstructions through the public "
+                          "autoencoder (public.components, or python -m t2i_mia.pretrain)")
+    views_sha = (hashlib.sha256(np.ascontiguousarray(views).tobytes()).hexdigest()
+                 if "ssl_views" in section else None)
     # "loop": trained on the shared loop, honouring every encoder.train key
-    key = cache_key("clip", "loop", section, aux_hash, seed, *policy_tag(policy))
+    key = cache_key("clip", "loop", section, aux_hash, seed, *policy_tag(policy),
+                    *([views_sha] if views_sha else []))
     folder = cache.model_dir("encoder", key)
     if cache.done("encoder", key):
         log.info("encoder: cached %s", folder)
@@ -114,7 +127,8 @@ def train_or_load_encoder(enc_cfg, images: np.ndarray, captions: list[str], aux_
     tok = TextTokenizer.train(captions, vocab_size=enc_cfg.vocab_size,
                               max_length=enc_cfg.max_text_length)
     params = train_clip(images, captions, tok, cfg, enc_cfg.train, seed,
-                        image_ssl_weight=enc_cfg.image_ssl_weight, mesh=mesh,
+                        image_ssl_weight=enc_cfg.image_ssl_weight,
+                        views=views if views_sha else None, mesh=mesh,
                         ckpt_dir=cache.ckpt_dir("encoder", key), rules=rules, policy=policy)
     os.makedirs(folder, exist_ok=True)
     save_clip(folder, cfg, params)

@@ -6,7 +6,8 @@ white-box reference, calibration references).
   components, ``public.components``, whose base LDM the audit's LDMs then fine-tune from);
   the target trained on its members (or loaded from ``paths.target_dir``); one model on
   ``shadow_members`` that is the shadow (aux_mode shadow) and in every mode the null
-  target; ``adversary.n_reference`` reference models on draws from ``auxiliary``.
+  target; ``adversary.n_reference`` reference models on draws from ``auxiliary`` and, with
+  ``adversary.base_reference``, the base LDM the others were fine-tuned from.
 * ``dalle-mini``: the same with a VQGAN, a BPE tokenizer and DalleBarts.
 * ``generations``: the audited images come from a folder; the shadow is the adversary's own
   LDM.
@@ -21,6 +22,7 @@ Trained models are cached in ``cache`` (:class:`t2i_mia.targets.factory.ModelCac
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Callable
 
 from jax.sharding import Mesh
@@ -38,6 +40,8 @@ from t2i_mia.targets.generations import GenerationsTarget
 from t2i_mia.targets.ldm import LDMTarget
 from t2i_mia.targets.protocol import Models
 from t2i_mia.timing import Timer
+
+log = logging.getLogger(__name__)
 
 
 def _roles(cfg: Config, manifest, target, shadow, refs: list, ref_info: list) -> Models:
@@ -82,6 +86,16 @@ def _build_ldm_models(cfg: Config, paths, dataset, manifest, cache: ModelCache,
             refs.append(LDMTarget(r_comps, sample, seed=cfg.seed + 2 + r, mesh=mesh,
                                   name=name, rules=config_rules(cfg), policy=policy_of(cfg)))
             ref_info.append(model_info(manifest, name))
+        if cfg.adversary.base_reference:
+            init = factory.ldm_pretrained(cfg, dataset, manifest, base, cache, mesh)
+            if init is None:
+                log.warning("adversary.base_reference ignored: the audit's LDMs have no base "
+                            "(no public.components base, ldm.base_train.steps = 0)")
+            else:
+                refs.append(LDMTarget(init[1], sample, seed=cfg.seed + 2 + len(refs), mesh=mesh,
+                                      name="base", rules=config_rules(cfg),
+                                      policy=policy_of(cfg)))
+                ref_info.append(factory.base_info(cfg, manifest))
     return _roles(cfg, manifest, target, shadow, refs, ref_info)
 
 
@@ -175,6 +189,9 @@ def _build_dalle_models(cfg: Config, paths, dataset, manifest, cache: ModelCache
                                                         rules=config_rules(cfg),
                                                         policy=policy_of(cfg)))
             ref_info.append(model_info(manifest, name))
+    if cfg.adversary.base_reference:
+        log.warning("adversary.base_reference ignored: the DalleBarts are trained from scratch "
+                    "(no base model)")
     return _roles(cfg, manifest, target, shadow, refs, ref_info)
 
 

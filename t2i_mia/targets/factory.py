@@ -242,6 +242,18 @@ def ldm_pretrained(cfg: Config, dataset, manifest, base, cache: ModelCache, mesh
                                   train_cfg=cfg.ldm.base_train)
 
 
+def base_info(cfg: Config, manifest) -> dict:
+    """What the report says of the base LDM as a calibration reference: its training data
+    (the public pool, or ``pretrain``), size and the SHA-256 of its content hashes."""
+    public = components_for(cfg)
+    if public is not None:
+        pool = public.manifest.get("pool", {})
+        return {"name": "base", "split": f"public pool ({public.name})",
+                "n_members": int(pool.get("n", 0)), "members_sha256": str(pool.get("sha256"))}
+    return {"name": "base", "split": "pretrain", "n_members": len(manifest.ids("pretrain")),
+            "members_sha256": ids_hash(manifest.hashes("pretrain"))}
+
+
 def ldm_for(cfg: Config, name: str, dataset, manifest, base, cache: ModelCache, mesh: Mesh):
     """The LDM called ``name`` trained on its members (cached): ``target`` on
     target_members + target_known_members (known members are members too), ``shadow`` on

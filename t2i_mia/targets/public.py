@@ -258,8 +258,3 @@ def psnr_db(a: np.ndarray, b: np.ndarray) -> float:
     d = (a.astype(np.float64) - b.astype(np.float64)) / 255.0
     mse = (d * d).reshape(len(a), -1).mean(-1)
     return float(np.mean(10.0 * np.log10(1.0 / np.maximum(mse, 1e-10))))
-
-
-def reconstruction_psnr(vae_cfg, vae_params, images: np.ndarray, mesh) -> float:
-    """Mean PSNR (dB) of the autoencoder's reconstructions of uint8[N,H,W,3] images."""
-    return psnr_db(reconstruct(vae_cfg, vae_params, images, mesh), images)

@@ -8,7 +8,10 @@ warm-up then cosine decay and the symmetric InfoNCE loss of
 
 Optionally (``image_ssl_weight`` > 0) an image-image InfoNCE term as in SLIP (Mu et al.
 2022): two mildly augmented views of each image (a shift of up to 2 pixels, a random blur,
-pixel noise) must find each other among the batch. Captions only name coarse content, so
+pixel noise) must find each other among the batch. Given ``views`` (one per image), the
+second view comes from the image's view instead: with the public autoencoder's
+reconstructions as views, the embedding learns to recognise an image through the decoder,
+which is what every generation passes through. Captions only name coarse content, so
 caption-image training alone gives embeddings that ignore the per-image detail (exact
 layout, texture) a memorised generation reproduces; the image term makes the image
 embedding instance-specific while staying robust to the blur and noise of generation.
@@ -102,20 +105,24 @@ def clip_loss(model: CLIPModel, params: PyTree, batch: dict, rng: jax.Array,
     times the image-image term on two augmented views drawn from ``rng``.
 
     batch: pixel_values f32[B,S,S,3] (CLIP-normalised NHWC), input_ids int32[B,L],
-    attention_mask int32[B,L].
+    attention_mask int32[B,L]; optional view_values f32[B,S,S,3]: the second view's source
+    (default: pixel_values).
     """
     loss = clip_contrastive_loss(params, model, batch["pixel_values"], batch["input_ids"],
                                  batch["attention_mask"])
     if ssl_weight > 0:
         k1, k2 = jax.random.split(rng)
         x = batch["pixel_values"]
-        loss = loss + ssl_weight * image_ssl_loss(params, model, augment(k1, x), augment(k2, x))
+        # the second view: the image again, or its given counterpart (e.g. the autoencoder's
+        # reconstruction, the kind of image a generation is)
+        y = batch.get("view_values", x)
+        loss = loss + ssl_weight * image_ssl_loss(params, model, augment(k1, x), augment(k2, y))
     return loss
 
 
 def train_clip(images: np.ndarray, captions: Sequence[str], tokenizer: TextTokenizer,
                cfg: CLIPConfig, tc: TrainConfig, seed: int, *, image_ssl_weight: float = 0.0,
-               mesh: Mesh | None = None, ckpt_dir: str | None = None, progress: bool = True,
+               views: np.ndarray | None = None, mesh: Mesh | None = None, ckpt_dir: str | None = None, progress: bool = True,
                return_losses: bool = False, rules: Rules = DEFAULT_RULES,
                policy: dict = FLOAT32):
     """Trains CLIPModel(cfg) from scratch on pairs (images[i], captions[i]), plus
@@ -126,7 +133,9 @@ def train_clip(images: np.ndarray, captions: Sequence[str], tokenizer: TextToken
     (resumed from when it holds one), EMA when ``tc.ema_decay`` > 0.
 
     images: uint8[N,H,W,3] (resized to the vision tower's image_size if needed);
-    captions: N str.  Returns variables {"params": ...} (numpy; the EMA's with EMA), or
+    captions: N str; views: None or uint8[N,H,W,3], the image-image term's second view of
+    each image (e.g. its reconstruction through a public autoencoder) in place of the image
+    itself.  Returns variables {"params": ...} (numpy; the EMA's with EMA), or
     (variables, losses f32[steps run]) with ``return_losses``.
     """
     images = np.asarray(images)
@@ -140,6 +149,14 @@ def train_clip(images: np.ndarray, captions: Sequence[str], tokenizer: TextToken
             raise ConfigError(f"train_clip: {name} = {v!r}; need a positive int")
     if not image_ssl_weight >= 0:
         raise ConfigError(f"train_clip: image_ssl_weight = {image_ssl_weight!r}; need >= 0")
+    if views is not None:
+        views = np.asarray(views)
+        if views.shape != images.shape:
+            raise DataError(f"train_clip: views of shape {views.shape} for images of shape "
+                            f"{images.shape}; need one view per image, the same shape")
+        if not image_ssl_weight > 0:
+            raise ConfigError("train_clip: views are the image-image term's; they need "
+                              "image_ssl_weight > 0")
     if tc.batch_size > n:
         raise ConfigError(f"train_clip: batch_size = {tc.batch_size} exceeds the {n} pairs")
     text_cfg = cfg.text_config
@@ -160,6 +177,8 @@ def train_clip(images: np.ndarray, captions: Sequence[str], tokenizer: TextToken
                           f"mesh's {d} data devices")
 
     pixels = preprocess_images(images, cfg.vision_config.image_size)
+    view_pixels = (preprocess_images(views, cfg.vision_config.image_size)
+                   if views is not None else None)
     ids, mask = tokenizer.encode(captions)
 
     root = jax.random.key(seed)
@@ -177,7 +196,10 @@ def train_clip(images: np.ndarray, captions: Sequence[str], tokenizer: TextToken
 
     def batch_fn(step):
         idx = index(step)
-        return {"pixel_values": pixels[idx], "input_ids": ids[idx], "attention_mask": mask[idx]}
+        batch = {"pixel_values": pixels[idx], "input_ids": ids[idx], "attention_mask": mask[idx]}
+        if view_pixels is not None:
+            batch["view_values"] = view_pixels[idx]
+        return batch
 
     # the state's rng is the augmentation stream: step s draws fold_in(rng, s)
     out, history = train_with_config(loss_fn, tx, params, jax.random.fold_in(root, 2),
