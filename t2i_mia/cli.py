@@ -42,10 +42,10 @@ configuration:
   default, 250 vs 250, target and shadow fine-tuned 1000 steps from the shipped base, the
   base as calibration reference): 12 min cold on 2 CPU cores (target 260 s, shadow 239,
   generation 83, reference queries 71, features 43, white box 22, attack 12), a rerun on the
-  cached models repeats only the phases after training (about 4 min); tiny-scratch (the earlier default, 500
-  vs 500, every part trained on the audit's splits): about 90 min cold measured before its
-  reference LDM, which adds about 30 more; paper-ldm / paper-dalle: paper scale for
-  accelerators.
+  cached models repeats only the phases after training (about 4 min); tiny-scratch (the
+  earlier default, 500 vs 500, every part trained on the audit's splits): about 90 min cold
+  measured before its reference LDM, which adds about 30 more; paper-ldm / paper-dalle:
+  paper scale for accelerators.
   --set key=value (repeatable) overrides
   one value; values are JSON when they parse (3, 0.5, true, [32,64], null), else strings.
   Examples:

@@ -110,15 +110,15 @@ def train_or_load_encoder(enc_cfg, images: np.ndarray, captions: list[str], aux_
         del section["image_ssl_weight"]
     if section.get("ssl_views") == "augment":
         del section["ssl_views"]
+        views = None  # the image term pairs two augmentations of each image
     elif views is None:
         raise ConfigError(f"adversary.encoder.ssl_views = {enc_cfg.ssl_views!r}: the encoder's "
                           "training needs the images' reconstructions through the public "
                           "autoencoder (public.components, or python -m t2i_mia.pretrain)")
-    views_sha = (hashlib.sha256(np.ascontiguousarray(views).tobytes()).hexdigest()
-                 if "ssl_views" in section else None)
+    extra = ([] if views is None
+             else [hashlib.sha256(np.ascontiguousarray(views).tobytes()).hexdigest()])
     # "loop": trained on the shared loop, honouring every encoder.train key
-    key = cache_key("clip", "loop", section, aux_hash, seed, *policy_tag(policy),
-                    *([views_sha] if views_sha else []))
+    key = cache_key("clip", "loop", section, aux_hash, seed, *policy_tag(policy), *extra)
     folder = cache.model_dir("encoder", key)
     if cache.done("encoder", key):
         log.info("encoder: cached %s", folder)
@@ -128,7 +128,7 @@ def train_or_load_encoder(enc_cfg, images: np.ndarray, captions: list[str], aux_
                               max_length=enc_cfg.max_text_length)
     params = train_clip(images, captions, tok, cfg, enc_cfg.train, seed,
                         image_ssl_weight=enc_cfg.image_ssl_weight,
-                        views=views if views_sha else None, mesh=mesh,
+                        views=views, mesh=mesh,
                         ckpt_dir=cache.ckpt_dir("encoder", key), rules=rules, policy=policy)
     os.makedirs(folder, exist_ok=True)
     save_clip(folder, cfg, params)
