@@ -572,3 +572,48 @@ def test_stable_diffusion_parts_must_fit(tmp_path, tiny_components):
     bad = dataclasses.replace(tiny_components, text_cfg=wide)
     with pytest.raises(CheckpointError, match="cross_attention_dim = 16.*hidden_size = 32"):
         save_stable_diffusion(tmp_path / "sd", bad)
+
+
+def test_attention_head_groups_rule(monkeypatch):
+    monkeypatch.setattr(unet_mod, "_usable_cores", lambda: 2)
+    big = unet_mod.CPU_SPLIT_MIN_PAIRS
+    assert unet_mod.attention_groups(8, big, "cpu") == 2
+    assert unet_mod.attention_groups(8, big - 1, "cpu") == 1   # short sequences: one block
+    assert unet_mod.attention_groups(8, big, "gpu") == 1       # accelerators fuse it whole
+    assert unet_mod.attention_groups(5, big, "cpu") == 1       # groups divide the heads
+    monkeypatch.setattr(unet_mod, "_usable_cores", lambda: 16)
+    assert unet_mod.attention_groups(12, big, "cpu") == 12
+
+
+def test_attention_in_head_groups_equals_one_block(monkeypatch):
+    """Splitting the heads across cores changes the schedule, not the numbers: a U-Net at
+    32x32 latents (1024 tokens) is the same function, forward and gradient."""
+    cfg = unet_mod.UNet2DConditionConfig.from_dict(dict(
+        sample_size=32, in_channels=4, out_channels=4, block_out_channels=[32, 64],
+        down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+        up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], layers_per_block=1,
+        attention_head_dim=4, cross_attention_dim=16))
+    model = unet_mod.UNet2DConditionModel(cfg)
+    params = unet_mod.init_params(cfg, jax.random.PRNGKey(0), context_len=5)
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 4))
+    t = jnp.array([10, 700])
+    ctx = jax.random.normal(jax.random.PRNGKey(2), (2, 5, 16))
+
+    traced = []  # attention blocks traced: one per group
+    one_block = unet_mod._softmax_attend
+    monkeypatch.setattr(unet_mod, "_softmax_attend",
+                        lambda *a: traced.append(a[0].shape) or one_block(*a))
+
+    def run(cores):
+        monkeypatch.setattr(unet_mod, "_usable_cores", lambda: cores)
+        traced.clear()
+        loss = lambda p: jnp.mean(model.apply({"params": p}, x, t, ctx) ** 2)  # noqa: E731
+        return jax.jit(jax.value_and_grad(loss))(params), list(traced)
+
+    ((l1, g1), blocks1), ((l4, g4), blocks4) = run(1), run(4)
+    if jax.default_backend() == "cpu":  # the 1024-token self-attentions ran in 4 head groups
+        assert (2, 1, 1024, 8) in blocks4 and (2, 1, 1024, 8) not in blocks1
+        assert len(blocks4) > len(blocks1)
+    np.testing.assert_allclose(float(l4), float(l1), rtol=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(g4), jax.tree_util.tree_leaves(g1)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)

@@ -45,6 +45,7 @@ import os
 import time
 from typing import Any
 
+import jax
 import numpy as np
 
 import t2i_mia
@@ -240,7 +241,9 @@ def audit(cfg: Config, paths: RunPaths, progress: bool = True) -> AuditResult:
     expect = (k, cfg.data.image_size, cfg.data.image_size, 3)
 
     def generate(model, caps, qs, what):
-        g = model.generate(caps, qs.ids.tolist(), k)
+        # generation is dispatched asynchronously: wait, so its time is counted in its own
+        # phase and not in the phase that first reads the images
+        g = jax.block_until_ready(model.generate(caps, qs.ids.tolist(), k))
         if tuple(g.shape) != (len(qs.ids),) + expect:
             raise DataError(f"{what} generations: shape {tuple(g.shape)}, expected "
                             f"{(len(qs.ids),) + expect}")
