@@ -36,13 +36,13 @@ SHARED_EPILOG = """\
 configuration:
   --config takes a preset or a JSON file whose keys override the preset named by its
   "preset" key. Presets: ci (64 members vs 128 non-members, the tests' audits, built on the
-  shipped public components): 6 min cold, measured on 2 CPU cores (target 95 s, shadow 79,
-  reference 75: 250 fine-tuning steps each; generation 35, features 19, reference queries
-  31, attack 16, white box 13), 105 s again on the cached models; tiny (the embedded
-  default, 250 vs 250, target and shadow fine-tuned 1000 steps from the shipped base, the
-  base as calibration reference): 12 min cold on 2 CPU cores (target 260 s, shadow 239,
-  generation 83, reference queries 71, features 43, white box 22, attack 12), a rerun on the
-  cached models repeats only the phases after training (about 4 min); tiny-scratch (the
+  shipped public components): 3.4 min cold, measured on 2 CPU cores (target 52 s, shadow 45,
+  reference 44: 250 fine-tuning steps each; generation 24, reference queries 14, attack 10,
+  white box 7, features 3), 47 s again on the cached models; tiny (the embedded default,
+  250 vs 250, target and shadow fine-tuned 1000 steps from the shipped base, the base as
+  calibration reference): 8.2 min cold on 2 CPU cores (target 182 s, shadow 170,
+  generation 75, reference queries 39, white box 13, attack 10, features 4), a rerun on the
+  cached models repeats only the phases after training (about 2.5 min); tiny-scratch (the
   earlier default, 500 vs 500, every part trained on the audit's splits): about 90 min cold
   measured before its reference LDM, which adds about 30 more; paper-ldm / paper-dalle:
   paper scale for accelerators.
