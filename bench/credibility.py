@@ -106,12 +106,14 @@ def probe_module():
 
 def train_probe(image_size: int, n_train: int, steps: int, batch_size: int = 64,
                 seed: int = 0, progress: bool = True, callback=None, every: int = 0,
-                file: str | None = None):
-    """Trains the probe on ``n_train`` real images of the probe's own stream (ids
-    0..n_train-1). Returns (params, predict) with ``predict(params, uint8[B,S,S,3]) ->
-    f32[B,48]`` probabilities. ``callback(step, params, predict)`` runs every ``every``
-    steps when given (learning curves). ``file``: the trained parameters are kept there
-    (flax msgpack) and reused when its recipe (size, images, steps, batch, seed) matches."""
+                file: str | None = None, transform=None, transform_id: str = "real"):
+    """Trains the probe on ``n_train`` images of the probe's own stream (ids 0..n_train-1).
+    Returns (params, predict) with ``predict(params, uint8[B,S,S,3]) -> f32[B,48]``
+    probabilities. ``transform`` (uint8[N,S,S,3] -> uint8[N,S,S,3], e.g. the autoencoder's
+    reconstruction) is applied to the training images once; ``transform_id`` names it in the
+    recipe. ``callback(step, params, predict)`` runs every ``every`` steps when given
+    (learning curves). ``file``: the trained parameters are kept there (flax msgpack) and
+    reused when its recipe (size, images, steps, batch, seed, transform) matches."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -120,6 +122,8 @@ def train_probe(image_size: int, n_train: int, steps: int, batch_size: int = 64,
 
     data = SyntheticCaptions(PROBE_SEED, size=image_size, n=n_train)
     images, captions = data.get_many(range(n_train))
+    if transform is not None:
+        images = np.asarray(transform(images))
     y = targets_of(captions)
     model = probe_module()
     params = model.init(jax.random.PRNGKey(seed),
@@ -155,7 +159,8 @@ def train_probe(image_size: int, n_train: int, steps: int, batch_size: int = 64,
                               [np.zeros((0, N_CLASSES), np.float32)])
 
     recipe = json.dumps({"image_size": image_size, "n_train": n_train, "steps": steps,
-                         "batch_size": batch_size, "seed": seed, "probe_seed": PROBE_SEED},
+                         "batch_size": batch_size, "seed": seed, "probe_seed": PROBE_SEED,
+                         "trained_on": transform_id},
                         sort_keys=True)
     if file and os.path.isfile(file) and os.path.isfile(file + ".json") \
             and open(file + ".json").read() == recipe:
@@ -264,6 +269,11 @@ def main(argv=None) -> int:
                    help="probe training steps of 64 images (default 4000)")
     p.add_argument("--probe-test", type=int, default=1000,
                    help="held-out real images its accuracy is read on (default 1000)")
+    p.add_argument("--probe-on", choices=("real", "autoencoder"), default="real",
+                   help="what the probe trains on: real images (default), or their "
+                        "reconstructions through the target's autoencoder, the domain every "
+                        "generation is decoded into (held-out accuracy is then read on "
+                        "reconstructions too)")
     p.add_argument("--probe-file", default=None, metavar="PATH",
                    help="keep the trained probe here and reuse it when its recipe matches")
     p.add_argument("--out", default=None, help="write the figures as JSON here")
@@ -291,14 +301,6 @@ def main(argv=None) -> int:
     times: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    params, predict = train_probe(size, args.probe_train, args.probe_steps, seed=0,
-                                  file=args.probe_file)
-    held = SyntheticCaptions(PROBE_SEED, size=size, n=args.probe_train + args.probe_test)
-    h_img, h_cap = held.get_many(range(args.probe_train, args.probe_train + args.probe_test))
-    probe_real = found_rates(predict(params, h_img), h_cap)
-    times["probe_s"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.model)
     cache = factory.ModelCache(args.work_dir)
     dataset = open_dataset(cfg, sum(vars(cfg.data.splits).values()))
@@ -306,6 +308,29 @@ def main(argv=None) -> int:
     base = factory.ldm_base(cfg, dataset, m, cache, mesh)
     comps = factory.ldm_for(cfg, "target", dataset, m, base, cache, mesh)
     times["models_s"] = time.perf_counter() - t0
+
+    def recon(x: np.ndarray) -> np.ndarray:
+        return public.reconstruct(comps.vae_cfg, comps.vae_params, x, mesh)
+
+    t0 = time.perf_counter()
+    if args.probe_on == "autoencoder":
+        import hashlib
+
+        import jax
+        h = hashlib.sha256()
+        for leaf in jax.tree_util.tree_leaves(comps.vae_params):
+            h.update(np.asarray(leaf).tobytes())
+        transform, transform_id = recon, "autoencoder:" + h.hexdigest()[:16]
+    else:
+        transform, transform_id = None, "real"
+    params, predict = train_probe(size, args.probe_train, args.probe_steps, seed=0,
+                                  file=args.probe_file, transform=transform,
+                                  transform_id=transform_id)
+    held = SyntheticCaptions(PROBE_SEED, size=size, n=args.probe_train + args.probe_test)
+    h_img, h_cap = held.get_many(range(args.probe_train, args.probe_train + args.probe_test))
+    probe_real = found_rates(predict(params, h_img), h_cap)
+    probe_recon = found_rates(predict(params, recon(h_img)), h_cap)
+    times["probe_s"] = time.perf_counter() - t0
 
     ids = m.ids("target_nonmembers")[:args.n]
     images, captions = dataset.get_many(ids)
@@ -320,26 +345,31 @@ def main(argv=None) -> int:
     rep = [c for c in captions for _ in range(k)]
     perm = derangement(n, seed=1)
     wrong = [captions[perm[i]] for i in range(n) for _ in range(k)]
-    recon = public.reconstruct(comps.vae_cfg, comps.vae_params, images, mesh)
+    recon_nm = recon(images)
     doc = {
         "config": cfg.preset, "seed": cfg.seed, "n_captions": n, "k": k,
         "probe": {"train_images": args.probe_train, "steps": args.probe_steps,
                   "held_out_images": args.probe_test, "seed": PROBE_SEED,
-                  "real_held_out": probe_real,
+                  "trained_on": args.probe_on,
+                  "real_held_out": probe_real, "reconstructed_held_out": probe_recon,
                   "real_nonmembers": found_rates(predict(params, images), captions)},
         "generations": found_rates(g_probs, rep),
         "generations_wrong_caption": found_rates(g_probs, wrong),
         "diversity": diversity(gen),
-        "autoencoder": {"psnr_db": public.psnr_db(recon, images),
-                        "found": found_rates(predict(params, recon), captions)["found"]},
+        "autoencoder": {"psnr_db": public.psnr_db(recon_nm, images),
+                        "found": found_rates(predict(params, recon_nm), captions)["found"]},
     }
     times["measure_s"] = time.perf_counter() - t0
     doc["times_s"] = {k_: round(v, 1) for k_, v in times.items()}
 
     pr, g, w = doc["probe"], doc["generations"], doc["generations_wrong_caption"]
-    print(f"preset {cfg.preset}, seed {cfg.seed}: {n} non-member captions x k={k}")
-    print(f"  probe on held-out real images   found {pr['real_held_out']['found']:.3f}  "
-          f"colour {pr['real_held_out']['colour']:.3f}  shape {pr['real_held_out']['shape']:.3f}")
+    print(f"preset {cfg.preset}, seed {cfg.seed}: {n} non-member captions x k={k}; "
+          f"probe trained on {args.probe_on} images")
+    for name, key in (("real images", "real_held_out"),
+                      ("reconstructions", "reconstructed_held_out")):
+        r = pr[key]
+        print(f"  probe on held-out {name:16s}found {r['found']:.3f}  "
+              f"colour {r['colour']:.3f}  shape {r['shape']:.3f}")
     print(f"  probe on the non-member images  found {pr['real_nonmembers']['found']:.3f}")
     print(f"  generations                     found {g['found']:.3f}  colour {g['colour']:.3f}"
           f"  shape {g['shape']:.3f}")

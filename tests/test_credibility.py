@@ -52,7 +52,8 @@ def test_command_on_the_ci_models(ci_audit, audit_dirs, tmp_path):
     """On the ci audit's cached models, with a short-trained probe: it names the colours of
     held-out real images (>= 90%) and finds their objects far above chance (2/48 = 4%),
     reads chance against the wrong caption, the autoencoder keeps the images (PSNR) and the
-    figures are well-formed."""
+    figures are well-formed; trained on reconstructions (``--probe-on autoencoder``) it
+    reads reconstructions better."""
     _, work = audit_dirs
     out = tmp_path / "cred.json"
     assert C.main(["--config", "ci", "--work-dir", work, "--n", "48", "--k", "2",
@@ -69,3 +70,17 @@ def test_command_on_the_ci_models(ci_audit, audit_dirs, tmp_path):
     assert 0.0 <= doc["diversity"]["ratio"] <= 1.5
     for key in ("found", "colour", "shape"):
         assert 0.0 <= doc["generations"][key] <= 1.0
+    assert doc["probe"]["trained_on"] == "real"
+
+    # a probe trained on the autoencoder's reconstructions reads reconstructions better
+    # than the one trained on real images: the training images went through the decoder
+    out_ae = tmp_path / "cred_ae.json"
+    assert C.main(["--config", "ci", "--work-dir", work, "--n", "48", "--k", "2",
+                   "--probe-train", "3000", "--probe-steps", "600", "--probe-test", "400",
+                   "--probe-on", "autoencoder", "--out", str(out_ae)]) == 0
+    ae = json.loads(out_ae.read_text())
+    assert ae["probe"]["trained_on"] == "autoencoder"
+    on_recon = (ae["probe"]["reconstructed_held_out"]["colour"],
+                doc["probe"]["reconstructed_held_out"]["colour"])
+    assert on_recon[0] > on_recon[1] + 0.1, on_recon
+    assert ae["diversity"] == doc["diversity"]  # the same generations
