@@ -13,7 +13,7 @@ embedded synthetic data, whose captions name each object's colour and shape:
    held-out real images of that stream.
 2. **Generations.** The audit's target LDM (loaded from ``--work-dir``, trained there if
    absent, exactly as ``python -m t2i_mia.attack`` does) draws k images for each non-member
-   caption. ``found`` is the fraction of the captions' named objects the probe finds in
+   caption (``--captions members``: each member caption, intuition 3's other side). ``found`` is the fraction of the captions' named objects the probe finds in
    them (a named object is found when its class is among the probe's top n, n the number of
    distinct objects the caption names); ``colour`` and ``shape`` read the two attributes
    alone. The same figures against a different caption (a derangement) are the chance level.
@@ -262,7 +262,11 @@ def main(argv=None) -> int:
     p.add_argument("--work-dir", default="t2i_mia_work", help="the audit's model cache")
     p.add_argument("--k", type=int, default=4, help="images per caption (default 4)")
     p.add_argument("--n", type=int, default=None,
-                   help="non-member captions to draw (default: all target_nonmembers)")
+                   help="captions to draw (default: all of the chosen split)")
+    p.add_argument("--captions", choices=("nonmembers", "members"), default="nonmembers",
+                   help="the target's split whose captions are drawn: target_nonmembers "
+                        "(default: does it draw unseen captions?) or target_members (are "
+                        "its members' generations more faithful?)")
     p.add_argument("--probe-train", type=int, default=8000,
                    help="real images the probe trains on (default 8000)")
     p.add_argument("--probe-steps", type=int, default=4000,
@@ -332,7 +336,7 @@ def main(argv=None) -> int:
     probe_recon = found_rates(predict(params, recon(h_img)), h_cap)
     times["probe_s"] = time.perf_counter() - t0
 
-    ids = m.ids("target_nonmembers")[:args.n]
+    ids = m.ids(f"target_{args.captions}")[:args.n]
     images, captions = dataset.get_many(ids)
     t0 = time.perf_counter()
     model = LDMTarget(comps, cfg.ldm.sample, seed=cfg.seed, mesh=mesh, name="target")
@@ -347,12 +351,13 @@ def main(argv=None) -> int:
     wrong = [captions[perm[i]] for i in range(n) for _ in range(k)]
     recon_nm = recon(images)
     doc = {
-        "config": cfg.preset, "seed": cfg.seed, "n_captions": n, "k": k,
+        "config": cfg.preset, "seed": cfg.seed, "captions": args.captions,
+        "n_captions": n, "k": k,
         "probe": {"train_images": args.probe_train, "steps": args.probe_steps,
                   "held_out_images": args.probe_test, "seed": PROBE_SEED,
                   "trained_on": args.probe_on,
                   "real_held_out": probe_real, "reconstructed_held_out": probe_recon,
-                  "real_nonmembers": found_rates(predict(params, images), captions)},
+                  f"real_{args.captions}": found_rates(predict(params, images), captions)},
         "generations": found_rates(g_probs, rep),
         "generations_wrong_caption": found_rates(g_probs, wrong),
         "diversity": diversity(gen),
@@ -363,14 +368,14 @@ def main(argv=None) -> int:
     doc["times_s"] = {k_: round(v, 1) for k_, v in times.items()}
 
     pr, g, w = doc["probe"], doc["generations"], doc["generations_wrong_caption"]
-    print(f"preset {cfg.preset}, seed {cfg.seed}: {n} non-member captions x k={k}; "
+    print(f"preset {cfg.preset}, seed {cfg.seed}: {n} {args.captions[:-1]} captions x k={k}; "
           f"probe trained on {args.probe_on} images")
     for name, key in (("real images", "real_held_out"),
                       ("reconstructions", "reconstructed_held_out")):
         r = pr[key]
         print(f"  probe on held-out {name:16s}found {r['found']:.3f}  "
               f"colour {r['colour']:.3f}  shape {r['shape']:.3f}")
-    print(f"  probe on the non-member images  found {pr['real_nonmembers']['found']:.3f}")
+    print(f"  probe on the split's images     found {pr['real_' + args.captions]['found']:.3f}")
     print(f"  generations                     found {g['found']:.3f}  colour {g['colour']:.3f}"
           f"  shape {g['shape']:.3f}")
     print(f"  ... against a wrong caption     found {w['found']:.3f}  colour {w['colour']:.3f}"

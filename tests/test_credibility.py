@@ -56,8 +56,9 @@ def test_command_on_the_ci_models(ci_audit, audit_dirs, tmp_path):
     reads reconstructions better."""
     _, work = audit_dirs
     out = tmp_path / "cred.json"
-    assert C.main(["--config", "ci", "--work-dir", work, "--n", "48", "--k", "2",
-                   "--probe-train", "3000", "--probe-steps", "600", "--probe-test", "400",
+    probe = ["--probe-train", "3000", "--probe-steps", "600", "--probe-test", "400",
+             "--probe-file", str(tmp_path / "probe.msgpack")]
+    assert C.main(["--config", "ci", "--work-dir", work, "--n", "48", "--k", "2", *probe,
                    "--out", str(out)]) == 0
     doc = json.loads(out.read_text())
     assert doc["n_captions"] == 48 and doc["k"] == 2
@@ -71,6 +72,16 @@ def test_command_on_the_ci_models(ci_audit, audit_dirs, tmp_path):
     for key in ("found", "colour", "shape"):
         assert 0.0 <= doc["generations"][key] <= 1.0
     assert doc["probe"]["trained_on"] == "real"
+
+    # the members' captions, with the same (reused) probe: other captions, other images
+    out_m = tmp_path / "cred_members.json"
+    assert C.main(["--config", "ci", "--work-dir", work, "--n", "48", "--k", "2", *probe,
+                   "--captions", "members", "--out", str(out_m)]) == 0
+    mem = json.loads(out_m.read_text())
+    assert (mem["captions"], doc["captions"]) == ("members", "nonmembers")
+    assert mem["probe"]["real_held_out"] == real  # the probe file was reused
+    assert mem["probe"]["real_members"]["colour"] >= 0.85
+    assert mem["diversity"] != doc["diversity"]
 
     # a probe trained on the autoencoder's reconstructions reads reconstructions better
     # than the one trained on real images: the training images went through the decoder
