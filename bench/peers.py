@@ -448,7 +448,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         prog="bench/peers.py", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="benchmarks: " + ", ".join(BENCHMARKS) + "\nmeasured on 2 vCPUs (float32): "
-               "--quick 1 min 13 s, both sizes 4 min 39 s; the peer venv builds in about 1 min "
+               "--quick 48 s, both sizes 4 min 39 s; the peer venv builds in about 1 min "
                "(pip cache warm)\nsee bench/README.md, \"Peers\"")
     p.add_argument("--check", action="store_true",
                    help="only check that the peers import (with their aliases) and print "
