@@ -13,14 +13,15 @@ embedded synthetic data, whose captions name each object's colour and shape:
    held-out real images of that stream.
 2. **Generations.** The audit's target LDM (loaded from ``--work-dir``, trained there if
    absent, exactly as ``python -m t2i_mia.attack`` does) draws k images for each non-member
-   caption (``--captions members``: each member caption, intuition 3's other side). ``found`` is the fraction of the captions' named objects the probe finds in
-   them (a named object is found when its class is among the probe's top n, n the number of
+   caption (``--captions members``: each member caption, intuition 3's other side).
+   ``found`` is the fraction of the captions' named objects the probe finds in them (a
+   named object is found when its class is among the probe's top n, n the number of
    distinct objects the caption names); ``colour`` and ``shape`` read the two attributes
    alone. The same figures against a different caption (a derangement) are the chance level.
 3. **Diversity.** Mean pairwise RMS distance between the k generations of one caption, over
    that between generations of different captions (1.0: the noise matters as much as the
    caption; 0: the model ignores its noise).
-4. **Autoencoder.** PSNR of the autoencoder's reconstructions of the non-member images and
+4. **Autoencoder.** PSNR of the autoencoder's reconstructions of the split's images and
    the probe's ``found`` on them: what the decoder alone keeps of the objects.
 
 Prints a table and writes the figures as JSON (``--out``, written atomically).
@@ -287,6 +288,10 @@ def main(argv=None) -> int:
     if args.k < 2:
         p.error("--k must be >= 2 (diversity compares a caption's generations)")
 
+    import hashlib
+
+    import jax
+
     from t2i_mia.config import load_config
     from t2i_mia.data.sources import open_dataset
     from t2i_mia.data.splits import build_splits
@@ -318,9 +323,7 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     if args.probe_on == "autoencoder":
-        import hashlib
-
-        import jax
+        # the probe file is reused only with the same autoencoder's reconstructions
         h = hashlib.sha256()
         for leaf in jax.tree_util.tree_leaves(comps.vae_params):
             h.update(np.asarray(leaf).tobytes())
