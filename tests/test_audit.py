@@ -55,18 +55,19 @@ def test_report_files_and_schema(base):
             assert set(e["null_target"]) == {"auc", "auc_ci", "p_value"}, name
             assert e["tpr_at_heldout_threshold_1e-2"] is not None  # 128 attack-training non-members
             assert 0.0 <= e["realised_fpr_at_heldout_threshold_1e-2"] <= 1.0
-    # the calibrated attack, with reference models distinct from the null model
+    # the calibrated attack: at ci its reference is the shipped base LDM (trained on the
+    # public pool), distinct from the null model
     cal = on_disk["attacks"]["calibrated"]
     assert "calibrated.pixel.mse.min" in cal["threshold"] and "mlp" not in cal
     null_model = on_disk["controls"]["null_target"]["model"]
     assert null_model["name"] == "shadow"
-    for ref in cal["reference_models"]:
-        assert ref["split"] == "auxiliary" and ref["n_members"] == 64
-        assert ref["members_sha256"] != null_model["members_sha256"]
+    (ref,) = cal["reference_models"]
+    assert ref["name"] == "base" and ref["split"].startswith("public pool")
+    assert ref["n_members"] > 1000 and ref["members_sha256"] != null_model["members_sha256"]
     assert len(on_disk["controls"]["shuffled_labels"]["per_shuffle_auc"]) == 20
     assert "semantic.l2.min" not in on_disk["attacks"]["semantic"]["threshold"]
     md = open(os.path.join(out, "report.md")).read()
-    assert "null_target" in md and "combined" in md and "reference_0" in md
+    assert "null_target" in md and "combined" in md and "calibrated" in md
     with open(os.path.join(out, "roc.png"), "rb") as fh:
         assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
 
@@ -157,7 +158,8 @@ def test_other_k_and_captioner_run(base, audit_dirs):
                                                   "adversary.caption_source=captioner",
                                                   "adversary.white_box=false",
                                                   "adversary.n_shuffles=2",
-                                                  "adversary.n_reference=0"])
+                                                  "adversary.n_reference=0",
+                                                  "adversary.base_reference=false"])
     assert report["k"] == 1 and report["caption_source"] == "captioner"
     validate_report(report)
 
@@ -172,7 +174,8 @@ def test_partial_knowledge_runs(base, audit_dirs):
         "adversary.aux_mode=partial", "data.splits.target_members=32",
         "data.splits.target_known_members=32", "data.splits.target_nonmembers=96",
         "data.splits.target_known_nonmembers=32", "ldm.train.steps=20",
-        "adversary.white_box=false", "adversary.n_shuffles=2", "adversary.n_reference=0"])
+        "adversary.white_box=false", "adversary.n_shuffles=2", "adversary.n_reference=0",
+        "adversary.base_reference=false"])
     assert report["aux_mode"] == "partial"
     assert report["n_attack_train"] == {"members": 32, "nonmembers": 32}
     validate_report(report)
@@ -206,7 +209,8 @@ def test_generations_target_audit(base, audit_dirs, tmp_path):
         (gdir / str(i)).mkdir(parents=True)
         for j in range(2):
             save_png(gdir / str(i) / f"{j}.png", rng.integers(0, 255, (32, 32, 3), np.uint8))
-    rep, _ = _run(tmp, work, "gens", ["adversary.n_shuffles=2", "adversary.n_reference=0"],
+    rep, _ = _run(tmp, work, "gens", ["adversary.n_shuffles=2", "adversary.n_reference=0",
+                                      "adversary.base_reference=false"],
                   target_dir=str(gdir), target="generations")
     validate_report(rep)
     assert rep["attacks"]["pixel"]["threshold"]["pixel.mse.min"]["auc"] >= 0.99

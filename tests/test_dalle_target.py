@@ -358,6 +358,7 @@ def test_build_dalle_models_trains_caches_and_loads(tmp_path):
     cfg.dalle.vqgan_train = TrainConfig(steps=4, batch_size=16, warmup_steps=1)
     cfg.dalle.train = TrainConfig(steps=4, batch_size=16, warmup_steps=1)
     cfg.dalle.sample = SAMPLE
+    cfg.adversary.n_reference, cfg.adversary.base_reference = 1, False
     paths = RunPaths(work_dir=str(tmp_path / "work"), out=str(tmp_path / "out"),
                      target_dir=None, data_dir=None)
     dataset = build_dataset(cfg, 200)

@@ -37,6 +37,7 @@ ABLATION_CI = {
         "ldm.train.steps": 20, "ldm.train.batch_size": 16, "ldm.train.warmup_steps": 5,
         "adversary.white_box": False, "adversary.n_bootstrap": 50,
         "adversary.n_shuffles": 2, "adversary.n_reference": 0,
+        "adversary.base_reference": False,
     },
     "TRAIN_SIZES": [16, 32],
     "TRAIN_STEPS": [10, 20],

@@ -17,7 +17,9 @@ SHRINK = ["data.splits.pretrain=64", "data.splits.target_members=16",
           "data.splits.target_nonmembers=32", "data.splits.shadow_members=16",
           "data.splits.shadow_nonmembers=32", "data.splits.auxiliary=64",
           "ldm.vae_train.steps=20", "ldm.train.steps=20", "adversary.encoder.train.steps=20",
-          "adversary.white_box=false", "adversary.n_shuffles=2", "adversary.n_bootstrap=100"]
+          "adversary.white_box=false", "adversary.n_shuffles=2", "adversary.n_bootstrap=100",
+          # a reference trained per seed (the ci preset's, the shared base, is one model)
+          "adversary.n_reference=1", "adversary.base_reference=false"]
 
 
 @pytest.mark.slow
