@@ -40,10 +40,16 @@ def test_the_previous_default_is_a_named_preset():
                                                                                 1000)
     assert cfg.adversary.k == 4 and cfg.ldm.train.steps == 6000
     assert cfg.ldm.vae_train.steps == 600 and cfg.adversary.encoder.train.steps == 800
-    # the default shares its model shapes (the shipped components fit both)
+    # the default shares its model shapes but the latent channels: 8 for the shipped
+    # components' autoencoder, 4 for the one tiny-scratch trains
     tiny = load_config("tiny")
-    assert (tiny.ldm.unet, tiny.ldm.vae, tiny.ldm.text_encoder) == (cfg.ldm.unet, cfg.ldm.vae,
-                                                                   cfg.ldm.text_encoder)
+    assert tiny.ldm.vae["latent_channels"] == tiny.ldm.unet["in_channels"] == 8
+    assert cfg.ldm.vae["latent_channels"] == cfg.ldm.unet["out_channels"] == 4
+    latent = ("latent_channels", "in_channels", "out_channels", "scaling_factor")
+    for a, b in ((tiny.ldm.unet, cfg.ldm.unet), (tiny.ldm.vae, cfg.ldm.vae)):
+        assert {k: v for k, v in a.items() if k not in latent} == \
+            {k: v for k, v in b.items() if k not in latent}
+    assert tiny.ldm.text_encoder == cfg.ldm.text_encoder
 
 
 def test_set_overrides_are_typed():

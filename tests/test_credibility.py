@@ -52,8 +52,8 @@ def test_command_on_the_ci_models(ci_audit, audit_dirs, tmp_path):
     """On the ci audit's cached models, with a short-trained probe: it names the colours of
     held-out real images (>= 90%) and finds their objects far above chance (2/48 = 4%),
     reads chance against the wrong caption, the autoencoder keeps the images (PSNR) and the
-    figures are well-formed; trained on reconstructions (``--probe-on autoencoder``) it
-    reads reconstructions better."""
+    figures are well-formed; trained on real images or on reconstructions (``--probe-on
+    autoencoder``), it reads the colours of the autoencoder's reconstructions."""
     _, work = audit_dirs
     out = tmp_path / "cred.json"
     probe = ["--probe-train", "3000", "--probe-steps", "600", "--probe-test", "400",
@@ -91,7 +91,9 @@ def test_command_on_the_ci_models(ci_audit, audit_dirs, tmp_path):
                    "--probe-on", "autoencoder", "--out", str(out_ae)]) == 0
     ae = json.loads(out_ae.read_text())
     assert ae["probe"]["trained_on"] == "autoencoder"
+    # the shipped 8-channel autoencoder keeps the colours: both probes read them in its
+    # reconstructions (the earlier 4-channel one lost most: 0.44 for the real-image probe)
     on_recon = (ae["probe"]["reconstructed_held_out"]["colour"],
                 doc["probe"]["reconstructed_held_out"]["colour"])
-    assert on_recon[0] > on_recon[1] + 0.1, on_recon
+    assert min(on_recon) >= 0.9, on_recon
     assert ae["diversity"] == doc["diversity"]  # the same generations
