@@ -65,17 +65,21 @@ def main(argv=None) -> int:
     from t2i_mia.targets import public as pub
 
     cfg = load_config(args.config, args.overrides)
-    size = cfg.data.image_size
     work = os.path.abspath(args.work_dir)
     cli.use_compile_cache(work, True)
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.model)
-    n, held = cfg.public.pool, cfg.public.heldout
+    comps = pub.load_components(args.components) if args.components else None
+    if comps is not None:
+        # the folder's own pool: its held-out images are the ones none of its parts saw
+        meta = comps.manifest["pool"]
+        size, n, held = meta["image_size"], meta["n"], meta["heldout"]
+    else:
+        size, n, held = cfg.data.image_size, cfg.public.pool, cfg.public.heldout
     pool = pub.public_pool(size, n + held)
     held_images, _ = pool.get_many(list(range(n, n + held)))
 
     t0 = time.perf_counter()
-    if args.components:
-        comps = pub.load_components(args.components)
+    if comps is not None:
         vae = comps.vae()
         source = {"components": comps.folder, "sha256": comps.digest}
     else:
@@ -101,8 +105,8 @@ def main(argv=None) -> int:
     kept = credibility.found_rates(predict(params, recon(t_img)), t_cap)
     probe_s = time.perf_counter() - t0
 
-    doc = {"autoencoder": source, "latent_shape": [size // 2 ** (len(
-               vae[0].block_out_channels) - 1)] * 2 + [vae[0].latent_channels],
+    side = size // 2 ** (len(vae[0].block_out_channels) - 1)  # one downsample per extra block
+    doc = {"autoencoder": source, "latent_shape": [side, side, vae[0].latent_channels],
            "heldout_psnr_db": psnr, "n_heldout": held,
            "probe": {"train_images": args.probe_train, "steps": args.probe_steps,
                      "test_images": args.probe_test, "seed": credibility.PROBE_SEED,
