@@ -60,6 +60,17 @@ measured on 2 CPU cores (cold, compile included): the shipped recipe above 21 mi
 """
 
 
+def _encoder_recipe(cfg: Config) -> dict:
+    """The encoder's config, without the image-term options it left at their defaults
+    (a set made before they existed records the same recipe)."""
+    enc = dataclasses.asdict(cfg.adversary.encoder)
+    if enc["augmentation"] == "mild":
+        del enc["augmentation"]
+    if enc["hard_negatives"] == "none":
+        del enc["hard_negatives"], enc["hard_negative_weight"]
+    return enc
+
+
 def recipe(cfg: Config, overrides: list[str]) -> dict:
     """What the components were made from: enough to make them again."""
     ldm = dataclasses.asdict(cfg.ldm)
@@ -69,7 +80,7 @@ def recipe(cfg: Config, overrides: list[str]) -> dict:
             "overrides": list(overrides), "seed": cfg.seed, "image_size": cfg.data.image_size,
             "precision": dataclasses.asdict(cfg.precision),
             "ldm": {k: ldm[k] for k in keep},
-            "encoder": dataclasses.asdict(cfg.adversary.encoder),
+            "encoder": _encoder_recipe(cfg),
             "pool": {"n": cfg.public.pool, "heldout": cfg.public.heldout}}
 
 
@@ -104,6 +115,10 @@ def pretrain(cfg: Config, work_dir: str, out: str, overrides: list[str] = ()) ->
         raise ConfigError("python -m t2i_mia.pretrain trains on the synthetic public pool "
                           "(data.source=synthetic); for real data use a public checkpoint "
                           "(--target-dir, adversary.encoder.dir)")
+    ec = cfg.adversary.encoder
+    if ec.hard_negatives == "base" and cfg.ldm.base_train.steps == 0:
+        raise ConfigError("adversary.encoder.hard_negatives = 'base' needs the base LDM "
+                          "(ldm.base_train.steps > 0)")
     timer = Timer()
     t0 = time.perf_counter()
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.model)
@@ -121,17 +136,22 @@ def pretrain(cfg: Config, work_dir: str, out: str, overrides: list[str] = ()) ->
         tok = factory.train_or_load_tokenizer(cfg, captions, h, cache)
     with timer.phase("autoencoder"):
         vae = factory.train_or_load_autoencoder(cfg, images, h, cache, mesh)
-    with timer.phase("encoder"):
-        # "autoencoder" views: the pool's reconstructions through the autoencoder just made
-        views = (pub.reconstruct(vae[0], vae[1], images, mesh)
-                 if cfg.adversary.encoder.ssl_views == "autoencoder" else None)
-        encoder = train_or_load_encoder(cfg.adversary.encoder, images, captions, h, cfg.seed,
-                                        cache, mesh, rules, policy, views=views)
     base = None
     if cfg.ldm.base_train.steps > 0:
         with timer.phase("base_ldm"):
             base = factory.train_or_load_ldm(cfg, "base", images, captions, h, vae, tok, cache,
                                              mesh, train_cfg=cfg.ldm.base_train)
+    negatives = None
+    if ec.hard_negatives == "base":
+        with timer.phase("hard_negatives"):
+            # the base's own sampler settings, noise from the pretrain seed
+            negatives = pub.base_generations(base, captions, cfg.ldm.sample, cfg.seed, mesh)
+    with timer.phase("encoder"):
+        # "autoencoder" views: the pool's reconstructions through the autoencoder just made
+        views = (pub.reconstruct(vae[0], vae[1], images, mesh)
+                 if ec.ssl_views == "autoencoder" else None)
+        encoder = train_or_load_encoder(ec, images, captions, h, cfg.seed, cache, mesh, rules,
+                                        policy, views=views, negatives=negatives)
     with timer.phase("measure"):
         held_recons = pub.reconstruct(vae[0], vae[1], held_images, mesh)
         measured = {

@@ -34,7 +34,8 @@ PRETRAIN = MODELS + [
     "ldm.vae_train.steps=2", "ldm.vae_train.batch_size=8",
     "ldm.base_train.steps=3", "ldm.base_train.batch_size=8", "ldm.base_train.warmup_steps=1",
     "adversary.encoder.train.steps=2", "adversary.encoder.train.batch_size=8",
-    "adversary.encoder.train.warmup_steps=1", "adversary.encoder.ssl_views=autoencoder"]
+    "adversary.encoder.train.warmup_steps=1", "adversary.encoder.ssl_views=autoencoder",
+    "adversary.encoder.hard_negatives=base", "adversary.encoder.augmentation=coarse"]
 AUDIT = MODELS + [
     "data.splits.pretrain=0", "data.splits.target_members=8",
     "data.splits.target_nonmembers=8", "data.splits.shadow_members=8",
@@ -113,6 +114,26 @@ def test_an_encoder_on_reconstructions_needs_the_public_autoencoder(tmp_path):
     with pytest.raises(ConfigError, match="reconstructions through the public autoencoder"):
         train_or_load_encoder(cfg.adversary.encoder, images, captions, "h", 0,
                               ModelCache(str(tmp_path)), make_mesh(-1, 1))
+
+
+def test_an_encoder_with_hard_negatives_needs_the_public_base(tmp_path):
+    """hard_negatives=base without the base LDM's generations is an error that says what is
+    missing, in the encoder's training and in pretrain without a base."""
+    cfg = load_config("ci", ["adversary.encoder.hard_negatives=base"])
+    images, captions = pub.public_pool(32, 8).get_many(list(range(8)))
+    with pytest.raises(ConfigError, match="public base LDM's generations"):
+        train_or_load_encoder(cfg.adversary.encoder, images, captions, "h", 0,
+                              ModelCache(str(tmp_path)), make_mesh(-1, 1))
+    argv = ["--config", "ci", "--work-dir", str(tmp_path / "w"), "--out", str(tmp_path / "o")]
+    for o in PRETRAIN[:-2] + ["ldm.base_train.steps=0", "adversary.encoder.hard_negatives=base"]:
+        argv += ["--set", o]
+    with pytest.raises(ConfigError, match="needs the base LDM"):
+        pretrain.main(argv)
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(ConfigError, match="hard_negatives"):
+        load_config("ci", ["adversary.encoder.hard_negatives=generated"])
+    with pytest.raises(ConfigError, match="augmentation"):
+        load_config("ci", ["adversary.encoder.augmentation=strong"])
 
 
 @pytest.mark.slow

@@ -100,12 +100,26 @@ def load_encoder(folder: str, mesh: Mesh, rules: Rules = DEFAULT_RULES,
 
 def train_or_load_encoder(enc_cfg, images: np.ndarray, captions: list[str], aux_hash: str,
                           seed: int, cache, mesh: Mesh, rules: Rules = DEFAULT_RULES,
-                          policy: dict = FLOAT32, views: np.ndarray | None = None) -> Encoder:
+                          policy: dict = FLOAT32, views: np.ndarray | None = None,
+                          negatives: np.ndarray | None = None) -> Encoder:
     """CLIP trained contrastively on ``images`` uint8[N,H,W,3] and their captions (the
     auxiliary split, or the public pool), cached like every model. ``views`` uint8[N,H,W,3]:
     the image-image term's second views, required with ``ssl_views`` "autoencoder" (the
-    images' reconstructions through the public autoencoder); their content enters the key."""
+    images' reconstructions through the public autoencoder); ``negatives`` uint8[N,H,W,3]:
+    its hard negatives, required with ``hard_negatives`` "base" (the public base LDM's
+    generations of the captions, :func:`t2i_mia.targets.public.base_generations`). Their
+    content enters the key."""
     section = dataclasses.asdict(enc_cfg)
+    if section.get("augmentation") == "mild":  # the defaults keep earlier cache keys
+        del section["augmentation"]
+    if section.get("hard_negatives") == "none":
+        del section["hard_negatives"], section["hard_negative_weight"]
+        negatives = None
+    elif negatives is None:
+        raise ConfigError(f"adversary.encoder.hard_negatives = {enc_cfg.hard_negatives!r}: the "
+                          "encoder's training needs the public base LDM's generations of its "
+                          "captions (public.components with a base, or python -m "
+                          "t2i_mia.pretrain)")
     if section.get("image_ssl_weight") == 0.0:  # the defaults keep earlier cache keys
         del section["image_ssl_weight"]
     if section.get("ssl_views") == "augment":
@@ -115,8 +129,8 @@ def train_or_load_encoder(enc_cfg, images: np.ndarray, captions: list[str], aux_
         raise ConfigError(f"adversary.encoder.ssl_views = {enc_cfg.ssl_views!r}: the encoder's "
                           "training needs the images' reconstructions through the public "
                           "autoencoder (public.components, or python -m t2i_mia.pretrain)")
-    extra = ([] if views is None
-             else [hashlib.sha256(np.ascontiguousarray(views).tobytes()).hexdigest()])
+    extra = [hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+             for a in (views, negatives) if a is not None]
     # "loop": trained on the shared loop, honouring every encoder.train key
     key = cache_key("clip", "loop", section, aux_hash, seed, *policy_tag(policy), *extra)
     folder = cache.model_dir("encoder", key)
@@ -128,7 +142,9 @@ def train_or_load_encoder(enc_cfg, images: np.ndarray, captions: list[str], aux_
                               max_length=enc_cfg.max_text_length)
     params = train_clip(images, captions, tok, cfg, enc_cfg.train, seed,
                         image_ssl_weight=enc_cfg.image_ssl_weight,
-                        views=views, mesh=mesh,
+                        views=views, negatives=negatives,
+                        hard_negative_weight=enc_cfg.hard_negative_weight,
+                        augmentation=enc_cfg.augmentation, mesh=mesh,
                         ckpt_dir=cache.ckpt_dir("encoder", key), rules=rules, policy=policy)
     os.makedirs(folder, exist_ok=True)
     save_clip(folder, cfg, params)

@@ -70,7 +70,7 @@ from t2i_mia.report.writer import SCHEMA_VERSION, format_table, write_report
 from t2i_mia.targets.builders import build_models
 from t2i_mia.targets.external import checkpoint_image_size, sampler_note
 from t2i_mia.targets.factory import ModelCache, ids_hash
-from t2i_mia.targets.public import components_for, reconstruct
+from t2i_mia.targets.public import base_generations, components_for, reconstruct
 from t2i_mia.timing import Timer
 
 log = logging.getLogger(__name__)
@@ -217,9 +217,13 @@ def audit(cfg: Config, paths: RunPaths, progress: bool = True) -> AuditResult:
             views = None
             if a.encoder.ssl_views == "autoencoder" and public is not None:
                 views = reconstruct(*public.vae(), aux_images, mesh)
+            negatives = None
+            if a.encoder.hard_negatives == "base" and public is not None and public.has("base"):
+                negatives = base_generations(public.base_ldm()[1], aux_captions, cfg.ldm.sample,
+                                             cfg.seed, mesh)
             encoder = train_or_load_encoder(a.encoder, aux_images, aux_captions, aux_sha,
                                             cfg.seed, cache, mesh, config_rules(cfg),
-                                            policy_of(cfg), views=views)
+                                            policy_of(cfg), views=views, negatives=negatives)
             encoder_info = {"source": "trained on auxiliary" + (" (--aux)" if explicit else ""),
                             "n_members": len(aux_images), "members_sha256": aux_sha}
 

@@ -37,6 +37,7 @@ from t2i_mia.errors import CheckpointError, ConfigError, DataError
 from t2i_mia.models import autoencoder_kl, formats
 from t2i_mia.models.ldm import LDMComponents, load_stable_diffusion
 from t2i_mia.models.tokenizer import TextTokenizer
+from t2i_mia.targets.ldm import LDMTarget
 from t2i_mia.training.ldm_train import encode_latents
 
 SCHEMA_VERSION = 1
@@ -251,6 +252,15 @@ def reconstruct(vae_cfg, vae_params, images: np.ndarray, mesh) -> np.ndarray:
                                         0, 255).astype(jnp.uint8))
     return np.concatenate([np.asarray(dec(vae_params, z[i:i + 256]))
                            for i in range(0, len(z), 256)])
+
+
+def base_generations(base: LDMComponents, captions: list[str], sample, seed: int,
+                     mesh) -> np.ndarray:
+    """One image per caption from the base LDM (``sample``: a DiffusionSampleConfig; image i's
+    noise from ``seed`` and i): uint8[N,H,W,3] on the host. The adversary's encoder takes
+    them as hard negatives: the named content of a caption without its image's detail."""
+    model = LDMTarget(base, sample, seed=seed, mesh=mesh, name="base-negatives")
+    return np.asarray(model.generate(list(captions), list(range(len(captions))), 1))[:, 0]
 
 
 def psnr_db(a: np.ndarray, b: np.ndarray) -> float:

@@ -16,6 +16,14 @@ caption-image training alone gives embeddings that ignore the per-image detail (
 layout, texture) a memorised generation reproduces; the image term makes the image
 embedding instance-specific while staying robust to the blur and noise of generation.
 
+Given ``negatives`` (one per image), each image's hard negative joins the candidates of
+both directions of the image-image term, and a pair term (weight ``hard_negative_weight``)
+asks that the image's view be closer to it than its own hard negative. With the public base
+model's generation of the image's own caption as its negative, the negative shows the same
+named content without the image's own detail: what a non-member's generations are. Random
+in-batch negatives rarely share a caption, so without them the embedding can tell images
+apart by their named content alone, and the semantic attack needs it to weigh the rest.
+
 Determinism: for a seed, the initial parameters come from ``fold_in(key(seed), 0)``, the
 augmentations of step ``s`` from ``fold_in(fold_in(key(seed), 2), s)`` and the batches from
 :func:`t2i_mia.training.loop.epoch_batches` (seed), so a run (and a resumed run) repeats
@@ -86,28 +94,67 @@ def augment(key: jax.Array, x: jax.Array) -> jax.Array:
     return x + sd * jax.random.normal(ke, x.shape)
 
 
-def image_ssl_loss(params: PyTree, model: CLIPModel, view1: jax.Array,
-                   view2: jax.Array) -> jax.Array:
+AUGMENTATIONS = ("mild", "coarse")
+COARSE_FACTORS = (8, 4, 2)  # the downsamples of coarse_augment: side / 8, / 4, / 2
+
+
+def coarse_augment(key: jax.Array, x: jax.Array) -> jax.Array:
+    """f32[B,S,S,3] -> the same shape: per image, with probability 3/4 one of the antialiased
+    downsamples to S/8, S/4 or S/2 (each 1/4) upsampled back bilinearly, then
+    :func:`augment`. An image and its view then meet at the layout and colours alone, the
+    part of an image that a partly memorised generation keeps first."""
+    b, s = x.shape[0], x.shape[1]
+    kp, ka = jax.random.split(key)
+    options = [jax.image.resize(jax.image.resize(x, (b, max(1, s // f), max(1, s // f), 3),
+                                                 "linear", antialias=True), x.shape, "linear")
+               for f in COARSE_FACTORS] + [x]
+    pick = jax.random.randint(kp, (b,), 0, len(options))
+    return augment(ka, jnp.stack(options)[pick, jnp.arange(b)])
+
+
+def image_ssl_loss(params: PyTree, model: CLIPModel, view1: jax.Array, view2: jax.Array,
+                   negatives: jax.Array | None = None, pair_weight: float = 0.0) -> jax.Array:
     """Symmetric InfoNCE between the L2-normalised image embeddings of two views f32[B,...]
-    (view i of one matches view i of the other)."""
-    z = model.apply(params, jnp.concatenate([view1, view2]), method="get_image_features")
+    (view i of one matches view i of the other).
+
+    negatives: None or f32[B,...], row i's hard negative; all B join the candidates of both
+    directions (B + B logits per row), and ``pair_weight`` times a two-way softmax asks that
+    row i's view2 be closer to its view1 than its own negative is.
+    """
+    parts = [view1, view2] + ([negatives] if negatives is not None else [])
+    z = model.apply(params, jnp.concatenate(parts), method="get_image_features")
     z = z / jnp.linalg.norm(z, axis=-1, keepdims=True)
     b = view1.shape[0]
-    logits = z[:b] @ z[b:].T / SSL_TEMPERATURE
+    z1, z2 = z[:b], z[b:2 * b]
+    logits = z1 @ z2.T / SSL_TEMPERATURE
+    back = logits.T
     labels = jnp.arange(b)
-    return 0.5 * (optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-                  + optax.softmax_cross_entropy_with_integer_labels(logits.T, labels).mean())
+    if negatives is not None:
+        zn = z[2 * b:]
+        logits = jnp.concatenate([logits, z1 @ zn.T / SSL_TEMPERATURE], axis=1)
+        back = jnp.concatenate([back, z2 @ zn.T / SSL_TEMPERATURE], axis=1)
+    loss = 0.5 * (optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+                  + optax.softmax_cross_entropy_with_integer_labels(back, labels).mean())
+    if negatives is not None and pair_weight > 0:
+        pair = jnp.stack([jnp.sum(z1 * z2, -1), jnp.sum(z1 * zn, -1)], -1) / SSL_TEMPERATURE
+        loss = loss + pair_weight * optax.softmax_cross_entropy_with_integer_labels(
+            pair, jnp.zeros(b, jnp.int32)).mean()
+    return loss
 
 
 def clip_loss(model: CLIPModel, params: PyTree, batch: dict, rng: jax.Array,
-              ssl_weight: float = 0.0) -> jax.Array:
+              ssl_weight: float = 0.0, pair_weight: float = 0.0,
+              augmentation: str = "mild") -> jax.Array:
     """The training objective f32[]: symmetric image-caption InfoNCE plus ``ssl_weight``
     times the image-image term on two augmented views drawn from ``rng``.
 
     batch: pixel_values f32[B,S,S,3] (CLIP-normalised NHWC), input_ids int32[B,L],
     attention_mask int32[B,L]; optional view_values f32[B,S,S,3]: the second view's source
-    (default: pixel_values).
+    (default: pixel_values); optional negative_values f32[B,S,S,3]: each row's hard negative
+    (augmented too), with ``pair_weight`` for its pair term (:func:`image_ssl_loss`).
+    ``augmentation``: "mild" (:func:`augment`) or "coarse" (:func:`coarse_augment`).
     """
+    aug = coarse_augment if augmentation == "coarse" else augment
     loss = clip_contrastive_loss(params, model, batch["pixel_values"], batch["input_ids"],
                                  batch["attention_mask"])
     if ssl_weight > 0:
@@ -116,13 +163,21 @@ def clip_loss(model: CLIPModel, params: PyTree, batch: dict, rng: jax.Array,
         # the second view: the image again, or its given counterpart (e.g. the autoencoder's
         # reconstruction, the kind of image a generation is)
         y = batch.get("view_values", x)
-        loss = loss + ssl_weight * image_ssl_loss(params, model, augment(k1, x), augment(k2, y))
+        neg = batch.get("negative_values")
+        if neg is not None:
+            k2, k3 = jax.random.split(k2)
+            neg = aug(k3, neg)
+        loss = loss + ssl_weight * image_ssl_loss(params, model, aug(k1, x), aug(k2, y), neg,
+                                                  pair_weight)
     return loss
 
 
 def train_clip(images: np.ndarray, captions: Sequence[str], tokenizer: TextTokenizer,
                cfg: CLIPConfig, tc: TrainConfig, seed: int, *, image_ssl_weight: float = 0.0,
-               views: np.ndarray | None = None, mesh: Mesh | None = None, ckpt_dir: str | None = None, progress: bool = True,
+               views: np.ndarray | None = None, negatives: np.ndarray | None = None,
+               hard_negative_weight: float = 1.0, augmentation: str = "mild",
+               mesh: Mesh | None = None,
+               ckpt_dir: str | None = None, progress: bool = True,
                return_losses: bool = False, rules: Rules = DEFAULT_RULES,
                policy: dict = FLOAT32):
     """Trains CLIPModel(cfg) from scratch on pairs (images[i], captions[i]), plus
@@ -135,7 +190,10 @@ def train_clip(images: np.ndarray, captions: Sequence[str], tokenizer: TextToken
     images: uint8[N,H,W,3] (resized to the vision tower's image_size if needed);
     captions: N str; views: None or uint8[N,H,W,3], the image-image term's second view of
     each image (e.g. its reconstruction through a public autoencoder) in place of the image
-    itself.  Returns variables {"params": ...} (numpy; the EMA's with EMA), or
+    itself; negatives: None or uint8[N,H,W,3], each image's hard negative for that term (e.g.
+    the public base model's generation of its caption), with ``hard_negative_weight`` for
+    its pair term (see the module docstring); augmentation: the image-image term's views,
+    "mild" or "coarse" (:func:`coarse_augment`).  Returns variables {"params": ...} (numpy; the EMA's with EMA), or
     (variables, losses f32[steps run]) with ``return_losses``.
     """
     images = np.asarray(images)
@@ -157,6 +215,20 @@ def train_clip(images: np.ndarray, captions: Sequence[str], tokenizer: TextToken
         if not image_ssl_weight > 0:
             raise ConfigError("train_clip: views are the image-image term's; they need "
                               "image_ssl_weight > 0")
+    if negatives is not None:
+        negatives = np.asarray(negatives)
+        if negatives.shape != images.shape:
+            raise DataError(f"train_clip: negatives of shape {negatives.shape} for images of "
+                            f"shape {images.shape}; need one hard negative per image")
+        if not image_ssl_weight > 0:
+            raise ConfigError("train_clip: negatives are the image-image term's; they need "
+                              "image_ssl_weight > 0")
+    if augmentation not in AUGMENTATIONS:
+        raise ConfigError(f"train_clip: augmentation = {augmentation!r}; expected one of "
+                          f"{AUGMENTATIONS}")
+    if not hard_negative_weight >= 0:
+        raise ConfigError(f"train_clip: hard_negative_weight = {hard_negative_weight!r}; "
+                          "need >= 0")
     if tc.batch_size > n:
         raise ConfigError(f"train_clip: batch_size = {tc.batch_size} exceeds the {n} pairs")
     text_cfg = cfg.text_config
@@ -179,6 +251,8 @@ def train_clip(images: np.ndarray, captions: Sequence[str], tokenizer: TextToken
     pixels = preprocess_images(images, cfg.vision_config.image_size)
     view_pixels = (preprocess_images(views, cfg.vision_config.image_size)
                    if views is not None else None)
+    neg_pixels = (preprocess_images(negatives, cfg.vision_config.image_size)
+                  if negatives is not None else None)
     ids, mask = tokenizer.encode(captions)
 
     root = jax.random.key(seed)
@@ -187,10 +261,10 @@ def train_clip(images: np.ndarray, captions: Sequence[str], tokenizer: TextToken
     params = init_sharded(lambda k: cast_params(init_clip(cfg, k), pdt), mesh, rules,
                           jax.random.fold_in(root, 0))
     tx = make_optimizer(tc)
-    ssl = float(image_ssl_weight)
+    ssl, pair = float(image_ssl_weight), float(hard_negative_weight)
 
     def loss_fn(p, batch, rng):
-        return clip_loss(model, p, batch, rng, ssl), {}
+        return clip_loss(model, p, batch, rng, ssl, pair, augmentation), {}
 
     index = epoch_batches(n, tc.batch_size, seed)
 
@@ -199,6 +273,8 @@ def train_clip(images: np.ndarray, captions: Sequence[str], tokenizer: TextToken
         batch = {"pixel_values": pixels[idx], "input_ids": ids[idx], "attention_mask": mask[idx]}
         if view_pixels is not None:
             batch["view_values"] = view_pixels[idx]
+        if neg_pixels is not None:
+            batch["negative_values"] = neg_pixels[idx]
         return batch
 
     # the state's rng is the augmentation stream: step s draws fold_in(rng, s)
