@@ -8,10 +8,12 @@ seed) and writes a components folder (see :mod:`t2i_mia.targets.public`) that au
 with ``--set public.components=FOLDER``:
 
 * the LDM's caption tokenizer and autoencoder (``ldm.vae``, ``ldm.vae_train``);
-* the adversary's CLIP encoder (``adversary.encoder``);
 * a base LDM (``ldm.unet``, ``ldm.text_encoder``, ``ldm.base_train``) when
   ``ldm.base_train.steps`` > 0; the audit's target, shadow and reference LDMs then
-  fine-tune from it.
+  fine-tune from it;
+* the adversary's CLIP encoder (``adversary.encoder``), last: with
+  ``adversary.encoder.hard_negatives = base`` its image-image term takes the base LDM's
+  generation of each pool caption as that image's hard negative.
 
 It measures, on ``public.heldout`` further pool images that none of them trained on, the
 autoencoder's reconstruction PSNR and the encoder's caption-to-image retrieval R@1, and
@@ -23,7 +25,7 @@ The set shipped in the package (``public.components=package``) was made by::
 
     python -m t2i_mia.pretrain --config tiny --set ldm.vae_train.steps=2400 \\
         --set ldm.base_train.steps=2500 --set ldm.base_train.batch_size=64 \\
-        --set adversary.encoder.train.steps=2000 --out t2i_mia/assets/public
+        --set adversary.encoder.train.steps=3000 --out t2i_mia/assets/public
 """
 
 from __future__ import annotations

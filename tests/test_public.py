@@ -47,9 +47,9 @@ AUDIT = MODELS + [
 
 # The shipped set (t2i_mia/assets/public): the digest of its files and the command that
 # made it. A change to any shipped file, or to what the recipe resolves to, fails here.
-SHIPPED_SHA256 = "6b47bc2b83ee55c322a9e84bb1aabf3f747e62d83f3e29b2a9fbae04e7ea16e2"
+SHIPPED_SHA256 = "0e73652a4d143416cb149d1b764a5fc2b9f0b5663c674371586dd0093483b229"
 SHIPPED_RECIPE = ["ldm.vae_train.steps=2400", "ldm.base_train.steps=2500",
-                  "ldm.base_train.batch_size=64", "adversary.encoder.train.steps=2000"]
+                  "ldm.base_train.batch_size=64", "adversary.encoder.train.steps=3000"]
 
 
 @pytest.fixture(scope="module")
@@ -199,6 +199,9 @@ def test_the_shipped_components_are_pinned_and_fit_the_presets():
     # image from its reconstruction (the plain image-image term's encoder: 0.28 among 256)
     assert r["encoder_reconstruction_retrieval"]["r_at_1"] >= 0.5, r
     assert m["recipe"]["encoder"]["ssl_views"] == "autoencoder"
+    assert m["recipe"]["encoder"]["hard_negatives"] == "base"
+    assert m["recipe"]["encoder"]["augmentation"] == "coarse"
+    assert "hard_negatives" in m["timings_s"]
     for preset in ("ci", "tiny"):
         c.check_config(load_config(preset, ["public.components=package"]))
 
