@@ -57,8 +57,9 @@ from t2i_mia.timing import Timer
 
 DESCRIPTION = __doc__.split("\n\n", 1)[1].strip()
 EPILOG = """\
-measured on 2 CPU cores (cold, compile included): the shipped recipe above 21 min
-(autoencoder 278 s, encoder 265 s, base LDM 726 s).
+measured on 2 CPU cores (cold, compile included): the shipped recipe above about 28 min
+(autoencoder 278 s, base LDM 726 s, the base's generations of the pool captions as the
+encoder's hard negatives 176 s, encoder 517 s).
 """
 
 
