@@ -23,6 +23,8 @@ model's generation of the image's own caption as its negative, the negative show
 named content without the image's own detail: what a non-member's generations are. Random
 in-batch negatives rarely share a caption, so without them the embedding can tell images
 apart by their named content alone, and the semantic attack needs it to weigh the rest.
+With ``augmentation="coarse"`` (:func:`coarse_augment`) most views are downsampled first,
+so images meet at their layout and colours.
 
 Determinism: for a seed, the initial parameters come from ``fold_in(key(seed), 0)``, the
 augmentations of step ``s`` from ``fold_in(fold_in(key(seed), 2), s)`` and the batches from
@@ -193,8 +195,8 @@ def train_clip(images: np.ndarray, captions: Sequence[str], tokenizer: TextToken
     itself; negatives: None or uint8[N,H,W,3], each image's hard negative for that term (e.g.
     the public base model's generation of its caption), with ``hard_negative_weight`` for
     its pair term (see the module docstring); augmentation: the image-image term's views,
-    "mild" or "coarse" (:func:`coarse_augment`).  Returns variables {"params": ...} (numpy; the EMA's with EMA), or
-    (variables, losses f32[steps run]) with ``return_losses``.
+    "mild" or "coarse" (:func:`coarse_augment`). Returns variables {"params": ...} (numpy;
+    the EMA's with EMA), or (variables, losses f32[steps run]) with ``return_losses``.
     """
     images = np.asarray(images)
     captions = list(captions)
