@@ -787,20 +787,17 @@ def validate(cfg: Config) -> Config:
     _check(cfg.ldm.timestep_power > 0, "ldm.timestep_power", "must be > 0")
     _check(cfg.adversary.encoder.image_ssl_weight >= 0, "adversary.encoder.image_ssl_weight",
            "must be >= 0")
-    _check(cfg.adversary.encoder.ssl_views in SSL_VIEWS, "adversary.encoder.ssl_views",
-           f"expected one of {SSL_VIEWS}, got {cfg.adversary.encoder.ssl_views!r}")
-    _check(cfg.adversary.encoder.ssl_views == "augment"
-           or cfg.adversary.encoder.image_ssl_weight > 0, "adversary.encoder.ssl_views",
-           "'autoencoder' views are the image-image term's: need image_ssl_weight > 0")
-    _check(cfg.adversary.encoder.hard_negatives in HARD_NEGATIVES,
-           "adversary.encoder.hard_negatives",
-           f"expected one of {HARD_NEGATIVES}, got {cfg.adversary.encoder.hard_negatives!r}")
-    _check(cfg.adversary.encoder.hard_negatives == "none"
-           or cfg.adversary.encoder.image_ssl_weight > 0, "adversary.encoder.hard_negatives",
-           "hard negatives are the image-image term's: need image_ssl_weight > 0")
-    _check(cfg.adversary.encoder.augmentation in AUGMENTATIONS,
-           "adversary.encoder.augmentation",
-           f"expected one of {AUGMENTATIONS}, got {cfg.adversary.encoder.augmentation!r}")
+    enc = cfg.adversary.encoder
+    # (key, allowed values, the value that needs no image-image term, or None)
+    for key, allowed, off in (("ssl_views", SSL_VIEWS, "augment"),
+                              ("hard_negatives", HARD_NEGATIVES, "none"),
+                              ("augmentation", AUGMENTATIONS, None)):
+        value = getattr(enc, key)
+        _check(value in allowed, f"adversary.encoder.{key}",
+               f"expected one of {allowed}, got {value!r}")
+        _check(off is None or value == off or enc.image_ssl_weight > 0,
+               f"adversary.encoder.{key}",
+               f"{value!r} is the image-image term's: need image_ssl_weight > 0")
     _check(cfg.adversary.encoder.hard_negative_weight >= 0,
            "adversary.encoder.hard_negative_weight",
            f"must be >= 0, got {cfg.adversary.encoder.hard_negative_weight}")

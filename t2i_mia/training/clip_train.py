@@ -174,6 +174,22 @@ def clip_loss(model: CLIPModel, params: PyTree, batch: dict, rng: jax.Array,
     return loss
 
 
+def _one_per_image(a, name: str, need: str, images: np.ndarray,
+                   ssl_weight: float) -> np.ndarray | None:
+    """``a`` (None or uint8[N,H,W,3], an image-image term input) as an array, checked to
+    match ``images`` and to have an image term to feed."""
+    if a is None:
+        return None
+    a = np.asarray(a)
+    if a.shape != images.shape:
+        raise DataError(f"train_clip: {name} of shape {a.shape} for images of shape "
+                        f"{images.shape}; need {need}, the same shape")
+    if not ssl_weight > 0:
+        raise ConfigError(f"train_clip: {name} are the image-image term's; they need "
+                          "image_ssl_weight > 0")
+    return a
+
+
 def train_clip(images: np.ndarray, captions: Sequence[str], tokenizer: TextTokenizer,
                cfg: CLIPConfig, tc: TrainConfig, seed: int, *, image_ssl_weight: float = 0.0,
                views: np.ndarray | None = None, negatives: np.ndarray | None = None,
@@ -209,22 +225,9 @@ def train_clip(images: np.ndarray, captions: Sequence[str], tokenizer: TextToken
             raise ConfigError(f"train_clip: {name} = {v!r}; need a positive int")
     if not image_ssl_weight >= 0:
         raise ConfigError(f"train_clip: image_ssl_weight = {image_ssl_weight!r}; need >= 0")
-    if views is not None:
-        views = np.asarray(views)
-        if views.shape != images.shape:
-            raise DataError(f"train_clip: views of shape {views.shape} for images of shape "
-                            f"{images.shape}; need one view per image, the same shape")
-        if not image_ssl_weight > 0:
-            raise ConfigError("train_clip: views are the image-image term's; they need "
-                              "image_ssl_weight > 0")
-    if negatives is not None:
-        negatives = np.asarray(negatives)
-        if negatives.shape != images.shape:
-            raise DataError(f"train_clip: negatives of shape {negatives.shape} for images of "
-                            f"shape {images.shape}; need one hard negative per image")
-        if not image_ssl_weight > 0:
-            raise ConfigError("train_clip: negatives are the image-image term's; they need "
-                              "image_ssl_weight > 0")
+    views = _one_per_image(views, "views", "one view per image", images, image_ssl_weight)
+    negatives = _one_per_image(negatives, "negatives", "one hard negative per image", images,
+                               image_ssl_weight)
     if augmentation not in AUGMENTATIONS:
         raise ConfigError(f"train_clip: augmentation = {augmentation!r}; expected one of "
                           f"{AUGMENTATIONS}")
