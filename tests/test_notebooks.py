@@ -12,6 +12,7 @@ import ast
 import json
 import os
 import pathlib
+import re
 import time
 
 import nbformat
@@ -61,6 +62,27 @@ def _assigned_names(source: str) -> set[str]:
             for t in node.targets if isinstance(t, ast.Name)}
 
 
+def kernel_env(environ=None) -> dict:
+    """The notebook kernel's environment: this process's (JAX_PLATFORMS, the compilation
+    cache), with one CPU device in place of conftest's 8 virtual ones, as on a Colab CPU
+    runtime. With 8 devices on 2 shared cores, a kernel's sharded train step deadlocked in
+    XLA's CPU runtime: 7 devices waited in the step's all-reduce while the 8th's launch
+    waited for a free slot behind them (no thread busy; the kernel died when the collective
+    timeout fired). Sharded == unsharded is tested in the pytest process."""
+    env = dict(os.environ if environ is None else environ)
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
+    env["XLA_FLAGS"] = " ".join(flags.split() + ["--xla_force_host_platform_device_count=1"])
+    return env
+
+
+def test_kernel_env_has_one_device():
+    env = kernel_env({"XLA_FLAGS": " --xla_force_host_platform_device_count=8 --xla_foo=1",
+                      "JAX_PLATFORMS": "cpu"})
+    assert env == {"XLA_FLAGS": "--xla_foo=1 --xla_force_host_platform_device_count=1",
+                   "JAX_PLATFORMS": "cpu"}
+    assert kernel_env({})["XLA_FLAGS"] == "--xla_force_host_platform_device_count=1"
+
+
 def _execute(name: str, params: dict, cwd: pathlib.Path) -> nbformat.NotebookNode:
     """Runs the notebook with ``params`` replacing its parameters cell; returns it executed
     (a failing cell raises nbclient's CellExecutionError with the cell's traceback)."""
@@ -72,9 +94,8 @@ def _execute(name: str, params: dict, cwd: pathlib.Path) -> nbformat.NotebookNod
     cell.source = "\n".join(f"{k} = {v!r}" for k, v in params.items())
     cwd.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    # The kernel inherits this process's environment (conftest's XLA_FLAGS, JAX_PLATFORMS).
     NotebookClient(nb, timeout=3600, kernel_name="python3",
-                   resources={"metadata": {"path": str(cwd)}}).execute()
+                   resources={"metadata": {"path": str(cwd)}}).execute(env=kernel_env())
     print(f"{name}: executed in {time.perf_counter() - t0:.0f} s")
     return nb
 
