@@ -25,7 +25,7 @@ The set shipped in the package (``public.components=package``) was made by::
 
     python -m t2i_mia.pretrain --config tiny --set ldm.vae_train.steps=2400 \\
         --set ldm.base_train.steps=2500 --set ldm.base_train.batch_size=64 \\
-        --set adversary.encoder.train.steps=3000 --out t2i_mia/assets/public
+        --set adversary.encoder.train.steps=8000 --out t2i_mia/assets/public
 """
 
 from __future__ import annotations
