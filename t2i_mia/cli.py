@@ -36,12 +36,12 @@ SHARED_EPILOG = """\
 configuration:
   --config takes a preset or a JSON file whose keys override the preset named by its
   "preset" key. Presets: ci (64 members vs 128 non-members, the tests' audits, built on the
-  shipped public components, the base as calibration reference): 2.5 min cold, measured on
-  2 CPU cores (target 51 s, shadow 41: 250 fine-tuning steps each; generation 24, reference
-  queries 14, attack 9, white box 7, features 3), 50 s again on the cached models;
+  shipped public components, the base as calibration reference): 2.6 min cold, measured on
+  2 CPU cores (target 54 s, shadow 44: 250 fine-tuning steps each; generation 24, reference
+  queries 13, attack 9, white box 8, features 3), about 50 s again on the cached models;
   tiny (the embedded default, 250 vs 250, target and shadow fine-tuned 1000 steps from the
-  shipped base, the base as calibration reference): 7.6 min cold on 2 CPU cores (target
-  167 s, shadow 152, generation 67, reference queries 39, white box 13, attack 10,
+  shipped base, the base as calibration reference): 8.5 min cold on 2 CPU cores (target
+  178 s, shadow 175, generation 81, reference queries 43, white box 14, attack 12,
   features 4), a rerun on the
   cached models repeats only the phases after training (about 2.5 min); tiny-scratch (the
   earlier default, 500 vs 500, every part trained on the audit's splits): about 90 min cold
