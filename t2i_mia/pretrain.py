@@ -111,6 +111,27 @@ def reconstruction_r_at_1(encoder, images: np.ndarray, recons: np.ndarray) -> di
             "chance": 1.0 / len(images), "n": len(images)}
 
 
+def base_negatives(cfg: Config, base, captions: list[str], pool_hash: str, vae_cfg,
+                   cache: factory.ModelCache, mesh) -> np.ndarray:
+    """The base LDM's generation of each pool caption (uint8[N,H,W,3]), the encoder's hard
+    negatives: the base's own sampler settings, noise from the pretrain seed. Cached in
+    ``cache`` under the base's key, so a resumed pretrain skips the generation (its content
+    enters the encoder's key, so it is needed even when the encoder is cached)."""
+    base_key = factory._ldm_key(cfg, vae_cfg, pool_hash, cfg.ldm.base_train, None)
+    key = factory.cache_key("negatives", base_key, dataclasses.asdict(cfg.ldm.sample),
+                            cfg.seed, len(captions))
+    path = os.path.join(cache.model_dir("negatives", key), "negatives.npy")
+    if cache.done("negatives", key):
+        return np.load(path)
+    negatives = pub.base_generations(base, captions, cfg.ldm.sample, cfg.seed, mesh)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp.npy"
+    np.save(tmp, negatives)
+    os.replace(tmp, path)
+    cache.mark_done("negatives", key, {"base": base_key, "n": int(len(negatives))})
+    return negatives
+
+
 def pretrain(cfg: Config, work_dir: str, out: str, overrides: list[str] = ()) -> dict:
     """Trains (or reuses from ``work_dir``) the public components of ``cfg`` and writes them
     to ``out`` (atomically: a temporary folder renamed at the end). Returns components.json."""
@@ -147,8 +168,7 @@ def pretrain(cfg: Config, work_dir: str, out: str, overrides: list[str] = ()) ->
     negatives = None
     if ec.hard_negatives == "base":
         with timer.phase("hard_negatives"):
-            # the base's own sampler settings, noise from the pretrain seed
-            negatives = pub.base_generations(base, captions, cfg.ldm.sample, cfg.seed, mesh)
+            negatives = base_negatives(cfg, base, captions, h, vae[0], cache, mesh)
     with timer.phase("encoder"):
         # "autoencoder" views: the pool's reconstructions through the autoencoder just made
         views = (pub.reconstruct(vae[0], vae[1], images, mesh)

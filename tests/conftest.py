@@ -10,9 +10,10 @@ if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
 # steady step times within ~10%. Only the machine code's optimisation level changes.
 if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=1"
-# The 8 virtual devices share 2 cores with the other xdist worker and notebook kernels: a
-# sharded program's collective can wait far longer than XLA's default 40 s for its slowest
-# device (a notebook kernel died of that termination timeout). Waiting is what is wanted.
+# The 8 virtual devices share 2 cores with the other xdist worker and the quickstart
+# notebook's kernel (kernels that train get one device: tests/test_notebooks.py): a sharded
+# program's collective can wait far longer than XLA's default 40 s for its slowest device.
+# Waiting is what is wanted.
 if "xla_cpu_collective_call_terminate_timeout_seconds" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += (" --xla_cpu_collective_call_terminate_timeout_seconds=1800"
                                 " --xla_cpu_collective_call_warn_stuck_timeout_seconds=600")

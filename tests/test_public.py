@@ -22,6 +22,7 @@ from t2i_mia.models.ldm import load_stable_diffusion
 from t2i_mia.pipeline.audit import run_audit
 from t2i_mia.parallel.mesh import make_mesh
 from t2i_mia.pipeline.paths import RunPaths
+from t2i_mia.targets import factory as factory_mod
 from t2i_mia.targets import public as pub
 from t2i_mia.targets.factory import ModelCache
 
@@ -104,6 +105,24 @@ def test_pretrain_then_an_audit_on_its_components(components, tmp_path):
     gap = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in
               zip(jax.tree.leaves(target.unet_params), jax.tree.leaves(base.unet_params)))
     assert 0.0 < gap < 0.05  # 3 Adam steps of lr <= 1e-3 from the base
+
+
+def test_a_second_pretrain_reuses_every_part_and_writes_the_same_set(components, tmp_path,
+                                                                      monkeypatch):
+    """The work dir caches every part, the base's hard negatives included: a rerun (a resumed
+    pretrain) generates and trains nothing and writes byte-identical components."""
+    def refuse(*a, **k):
+        raise AssertionError("the hard negatives were generated again")
+    monkeypatch.setattr(pub, "base_generations", refuse)
+    monkeypatch.setattr(factory_mod, "train_ldm", refuse)
+    out = tmp_path / "again"
+    argv = ["--config", "ci", "--work-dir", str(components.parent / "work"), "--out", str(out)]
+    for o in PRETRAIN:
+        argv += ["--set", o]
+    assert pretrain.main(argv) == 0
+    first = json.loads((components / pub.MANIFEST).read_text())
+    again = json.loads((out / pub.MANIFEST).read_text())
+    assert again["files"] == first["files"] and again["sha256"] == first["sha256"]
 
 
 def test_an_encoder_on_reconstructions_needs_the_public_autoencoder(tmp_path):
